@@ -1,0 +1,94 @@
+"""Hydra entrypoints that fail on user mistakes with one line and exit status 2, before TensorFlow loads."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import hydra
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from histo_transfer.config import validate
+from histo_transfer.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def run(task: str, config_dir: Path, config_name: str = "config") -> None:
+    """Run `task` ("module:function") under Hydra, after checking every config the command line asks for."""
+    from hydra._internal.utils import get_args_parser
+
+    args = get_args_parser().parse_args()
+    if not (args.help or args.hydra_help or args.info or args.cfg or args.shell_completion):
+        _guard(lambda: precheck(config_dir, args.config_name or config_name, args.overrides))
+
+    @hydra.main(config_path=str(config_dir), config_name=config_name, version_base="1.3")
+    def main(cfg: DictConfig):
+        module, function = task.split(":")
+        return _guard(lambda: getattr(importlib.import_module(module), function)(cfg))
+
+    main()
+
+
+def precheck(config_dir: Path, config_name: str, overrides: list[str]) -> None:
+    """Compose and validate the config of each value a sweep lists, so a typo fails before any job starts."""
+    for variant in _variants(overrides):
+        try:
+            with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+                cfg = compose(config_name, overrides=variant)
+        except MissingConfigException as exc:
+            raise UserError(_missing_option(exc)) from exc
+        except (HydraException, OmegaConfBaseException) as exc:
+            raise UserError(_one_line(exc)) from exc
+        validate(cfg)
+
+
+def _variants(overrides: list[str]) -> list[list[str]]:
+    """One override list per value of each choice sweep (not their product); other sweeps are left to the sweeper."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as exc:
+        raise UserError(_one_line(exc)) from exc
+    fixed, sweeps = [], []
+    for override in parsed:
+        if override.get_key_element().startswith("hydra"):
+            continue
+        if not override.is_sweep_override():
+            fixed.append(override.input_line)
+        elif override.is_choice_sweep():
+            key = override.get_key_element()
+            sweeps.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+    first = [values[0] for values in sweeps]
+    variants = [fixed + first]
+    for position, values in enumerate(sweeps):
+        for value in values[1:]:
+            variants.append(fixed + first[:position] + [value] + first[position + 1:])
+    return variants
+
+
+def _guard(action):
+    try:
+        return action()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def _missing_option(exc: MissingConfigException) -> str:
+    missing = str(exc.missing_cfg_file or "")
+    group, _, option = missing.rpartition("/")
+    if group and exc.options is not None:
+        return f"{group}={option}: no such option; choose one of {', '.join(sorted(exc.options))}"
+    return _one_line(exc)
+
+
+def _one_line(exc: BaseException) -> str:
+    parts = [str(exc).strip().splitlines()[0]]
+    if exc.__cause__ is not None and str(exc.__cause__).strip():
+        parts.append(str(exc.__cause__).strip().splitlines()[0])
+    return " - ".join(parts)

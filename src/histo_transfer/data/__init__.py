@@ -1,0 +1,1 @@
+"""Data: Kaggle-layout reading and checks, built-in synthetic data, splits and the tf.data pipeline."""

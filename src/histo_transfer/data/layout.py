@@ -1,0 +1,101 @@
+"""The Kaggle layout: <root>/train/<id>.tif, <root>/train_labels.csv (id,label), optional <root>/test/."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from histo_transfer.errors import ConfigError, DataError
+
+LABELS_FILE = "train_labels.csv"
+IMAGE_SUFFIX = ".tif"
+
+
+@dataclass
+class LabelledPatches:
+    """The labelled training set as listed by train_labels.csv."""
+
+    root: Path
+    ids: np.ndarray  # str, without .tif
+    labels: np.ndarray  # int8, 0 or 1
+
+    def paths(self) -> list[Path]:
+        train_dir = self.root / "train"
+        return [train_dir / f"{image_id}{IMAGE_SUFFIX}" for image_id in self.ids]
+
+
+def check_layout(root: Path) -> None:
+    """Cheap structural check, run at config time (no image is opened)."""
+    if not root.is_dir():
+        raise ConfigError("data.root", f"{root} is not a folder")
+    missing = [name for name in ("train", LABELS_FILE) if not (root / name).exists()]
+    if missing:
+        raise ConfigError(
+            "data.root",
+            f"{root} is not a Kaggle layout: missing {' and '.join(missing)} "
+            "(expected train/<id>.tif and train_labels.csv with columns id,label)",
+        )
+
+
+def read_labelled(root: Path) -> LabelledPatches:
+    """Read and check train_labels.csv against train/; errors name the CSV row or file."""
+    import pandas as pd
+
+    csv_path = root / LABELS_FILE
+    try:
+        # str dtype keeps ids such as "00e1" or "1e5" verbatim; CRLF line endings are accepted.
+        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{csv_path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except pd.errors.EmptyDataError as exc:
+        raise DataError(f"{csv_path}: file is empty; expected a header id,label and one row per image") from exc
+
+    columns = [str(c).strip().lstrip("\ufeff") for c in table.columns]
+    if columns[:2] != ["id", "label"] or len(columns) != 2:
+        raise DataError(f"{csv_path}: columns are {','.join(columns)}; expected exactly id,label")
+    table.columns = columns
+    if table.empty:
+        raise DataError(f"{csv_path}: has a header but no rows")
+
+    ids = table["id"].str.strip()
+    for row, image_id in enumerate(ids, start=2):  # row 1 is the header
+        if not image_id or "/" in image_id or "\\" in image_id or image_id in (".", "..") or os.path.isabs(image_id):
+            raise DataError(f"{csv_path} row {row}: id {image_id!r} is not a plain file name")
+    duplicated = ids[ids.duplicated()]
+    if len(duplicated):
+        row = duplicated.index[0] + 2
+        raise DataError(f"{csv_path} row {row}: id {duplicated.iloc[0]} appears more than once "
+                        f"({len(duplicated)} duplicate rows in all)")
+    labels = table["label"].str.strip()
+    bad = labels[~labels.isin(["0", "1"])]
+    if len(bad):
+        row = bad.index[0] + 2
+        raise DataError(f"{csv_path} row {row}: label {bad.iloc[0]!r} is not 0 or 1")
+
+    patches = LabelledPatches(root, ids.to_numpy(dtype=str), labels.astype(np.int8).to_numpy())
+    missing = [p for p in patches.paths() if not p.is_file()]
+    if missing:
+        raise DataError(f"{missing[0]}: listed in {csv_path} but not found ({len(missing)} missing files in all)")
+    return patches
+
+
+def test_ids(root: Path) -> list[str]:
+    """Ids of the unlabelled test/ patches, sorted; empty when there is no test/ folder."""
+    test_dir = root / "test"
+    if not test_dir.is_dir():
+        return []
+    return sorted(p.stem for p in test_dir.iterdir() if p.suffix == IMAGE_SUFFIX)
+
+
+def fingerprint(root: Path) -> str:
+    """Hash of the labels file and the train/ listing (names, sizes, mtimes); changes when the data does."""
+    digest = hashlib.sha256((root / LABELS_FILE).read_bytes())
+    with os.scandir(root / "train") as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            stat = entry.stat()
+            digest.update(f"{entry.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]

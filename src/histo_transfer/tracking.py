@@ -1,0 +1,119 @@
+"""Everything MLflow: the store, run lifecycle, params, per-epoch metrics and artifacts."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import subprocess
+import traceback
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import keras
+import mlflow
+from mlflow.exceptions import MlflowException
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def setup(tracking_cfg) -> str:
+    """Point MLflow at the configured store and return the experiment's id, creating it if needed."""
+    uri = tracking_cfg.uri
+    mlflow.set_tracking_uri(uri)
+    name = tracking_cfg.experiment
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return mlflow.create_experiment(name, artifact_location=artifact_location(uri))
+    except MlflowException:  # created meanwhile by a parallel job
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a SQLite store live beside the database (mlruns/artifacts); a server decides its own."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    database = Path(uri.removeprefix("sqlite:///"))
+    return (database.parent / "artifacts").resolve().as_uri()
+
+
+def redact_uri(uri: str) -> str:
+    """Drop user name and password from a URI before it is recorded anywhere."""
+    parts = urlsplit(uri)
+    if not parts.password and not parts.username:
+        return uri
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"***@{host}"))
+
+
+def run_name_from_overrides(overrides: list[str]) -> str:
+    """`backbone=resnet152v2,data.frac=0.3` for a run started with those overrides; `default` for none."""
+    chosen = [o for o in overrides if not o.lstrip("+~").startswith(("tracking.", "hydra"))]
+    return ",".join(chosen) or "default"
+
+
+def flat_params(cfg: DictConfig) -> dict[str, str]:
+    """Every resolved config value under its dotted key."""
+    params: dict[str, str] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            params[prefix[:-1]] = str(node)
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    if "tracking.uri" in params:
+        params["tracking.uri"] = redact_uri(params["tracking.uri"])
+    return params
+
+
+def git_commit(folder: Path) -> str:
+    """HEAD of the repository holding `folder`, with `-dirty` when tracked files changed; `unknown` outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=folder, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+@contextlib.contextmanager
+def tracked_run(experiment_id: str, run_name: str, tags: dict[str, str]):
+    """An MLflow run that always ends: FINISHED, FAILED (with the error as tag and artifact) or KILLED."""
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+    log.info("MLflow run %s (%s) in %s", run.info.run_id, run_name, redact_uri(mlflow.get_tracking_uri()))
+    try:
+        yield run
+    except KeyboardInterrupt:
+        mlflow.set_tag("error", "interrupted (KeyboardInterrupt)")
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
+            mlflow.log_text("".join(traceback.format_exception(exc)), "error.txt")
+        mlflow.end_run("FAILED")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+
+
+class EpochMetrics(keras.callbacks.Callback):
+    """Logs loss, accuracy, auc, their val_ twins and the learning rate at step = epoch number (1-based)."""
+
+    def __init__(self, names: tuple[str, ...]):
+        super().__init__()
+        self.names = names
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        metrics = {name: float(logs[name]) for name in self.names if name in logs}
+        metrics["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        mlflow.log_metrics(metrics, step=epoch + 1)

@@ -1,0 +1,80 @@
+"""Shared fixtures: configs composed in-process (as lightning-hydra-template does) on temporary paths,
+and one tiny model trained once through the real entrypoint for every test that inspects a run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+SHARED = ROOT.parent / "shared"
+PCAM_SAMPLE = SHARED / "data" / "pcam_sample"
+MOBILENET_V1_WEIGHTS = SHARED / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
+
+os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# Small enough to train in seconds on 2 cores; overrides shared by every quick run.
+TINY_MODEL = ["backbone=tiny_cnn", "backbone.width=8",
+              "trainer.epochs=2", "trainer.batch_size=16", "trainer.early_stopping_patience=0"]
+TINY_RUN = [*TINY_MODEL, "data.n_train=160", "data.n_test=8"]
+
+
+def store_overrides(tmp: Path) -> list[str]:
+    """Point data cache and MLflow store into `tmp`, away from the developer's own."""
+    return [f"paths.cache_dir={tmp / 'cache'}", f"tracking.uri=sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"]
+
+
+def compose_config(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def run_cli(args: list[str], cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
+    """The real entrypoint, as a user runs it."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def write_kaggle_layout(root: Path, labels: list[int], size=(96, 96), mode="RGB", test: int = 0) -> list[str]:
+    """A small Kaggle-layout folder with random images; returns the ids."""
+    rng = np.random.default_rng(0)
+    (root / "train").mkdir(parents=True)
+    ids = [f"{index:040x}" for index in range(len(labels))]
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    for image_id in ids:
+        pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+        Image.fromarray(pixels.squeeze(), mode).save(root / "train" / f"{image_id}.tif")
+    rows = "".join(f"{i},{label}\r\n" for i, label in zip(ids, labels))
+    (root / "train_labels.csv").write_bytes(f"id,label\r\n{rows}".encode())
+    if test:
+        (root / "test").mkdir()
+        for index in range(test):
+            Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(root / "test" / f"t{index}.tif")
+    return ids
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """One tiny model trained through `python train.py`; tests read its MLflow run."""
+    import mlflow
+
+    tmp = tmp_path_factory.mktemp("trained")
+    overrides = [*TINY_RUN, *store_overrides(tmp)]
+    result = run_cli(overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    uri = f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["histo-transfer"], output_format="list")
+    assert len(runs) == 1
+    return {"run": runs[0], "uri": uri, "tmp": tmp, "overrides": overrides, "cfg": compose_config(overrides)}

@@ -1,0 +1,107 @@
+"""Composition of every config group option, and config mistakes caught before TensorFlow."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import CONF_DIR, compose_config, run_cli, write_kaggle_layout
+from histo_transfer.cli import precheck
+from histo_transfer.config import validate
+from histo_transfer.errors import ConfigError, UserError
+
+GROUPS = ["data", "backbone", "augmentation", "optimizer", "trainer", "tracking", "paths", "experiment"]
+
+
+@pytest.fixture
+def kaggle_root(tmp_path):
+    write_kaggle_layout(tmp_path / "kaggle", [0, 1] * 5)
+    return tmp_path / "kaggle"
+
+
+def _options():
+    for group in GROUPS:
+        for path in sorted((CONF_DIR / group).glob("*.yaml")):
+            yield group, path.stem
+
+
+@pytest.mark.parametrize(("group", "option"), list(_options()))
+def test_every_group_option_composes_and_validates(group, option, kaggle_root, tmp_path):
+    overrides = [f"{group}={option}" if group != "experiment" else f"+experiment={option}",
+                 f"data.root={kaggle_root}" if (group, option) != ("data", "synthetic") else "data=synthetic"]
+    if group == "experiment" or (group, option) == ("data", "kaggle"):
+        overrides.insert(0, "data=kaggle")
+    if group == "experiment":
+        weights = tmp_path / "w.h5"
+        weights.write_bytes(b"stand-in")
+        overrides.append(f"backbone.weights={weights}")
+    cfg = compose_config(overrides)
+    validate(cfg)
+    if group not in ("paths", "tracking", "trainer", "experiment"):
+        assert cfg[group].name == option
+
+
+def test_default_config_is_the_offline_built_in_run():
+    cfg = compose_config([])
+    validate(cfg)
+    assert (cfg.data.name, cfg.backbone.name, cfg.backbone.weights) == ("synthetic", "mobilenetv2", "auto")
+    assert cfg.trainer.label_smoothing == 0.1 and cfg.backbone.fine_tune_fraction == 0.1
+    assert cfg.tracking.uri.startswith("sqlite:///") and cfg.tracking.uri.endswith("/mlruns/mlflow.db")
+
+
+def test_mlflow_tracking_uri_environment_overrides_the_store(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert compose_config([]).tracking.uri == "http://127.0.0.1:5000"
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["data.frac=0"], "data.frac: 0 is out of range"),
+    (["data.frac=1.5"], "data.frac: 1.5 is out of range"),
+    (["data.val_split=1"], "data.val_split"),
+    (["data=kaggle"], "data=kaggle needs data.root=PATH"),
+    (["backbone.fine_tune_fraction=2"], "backbone.fine_tune_fraction"),
+    (["backbone.weights=/nowhere/w.h5"], "backbone.weights: '/nowhere/w.h5' is neither"),
+    (["backbone=tiny_cnn", "backbone.weights=imagenet"], "tiny_cnn has no pretrained weights"),
+    (["backbone=mobilenet_v1", "backbone.alpha=0.3"], "backbone.alpha: 0.3 is not one of"),
+    (["backbone=inceptionresnetv2", "backbone.input_size=64"], "backbone.input_size: 64 is too small"),
+    (["optimizer.lr=-1"], "optimizer.lr"),
+    (["optimizer.schedule=linear"], "optimizer.schedule: 'linear' is not one of"),
+    (["trainer.epochs=-1"], "trainer.epochs"),
+    (["trainer.batch_size=abc"], "trainer.batch_size: must be a whole number"),
+    (["trainer.mixed_precision=maybe"], "trainer.mixed_precision"),
+    (["head.dropout=1"], "head.dropout"),
+])
+def test_wrong_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        validate(compose_config(overrides))
+
+
+def test_kaggle_root_that_is_not_a_kaggle_layout(tmp_path):
+    (tmp_path / "train").mkdir()
+    with pytest.raises(ConfigError, match="not a Kaggle layout: missing train_labels.csv"):
+        validate(compose_config(["data=kaggle", f"data.root={tmp_path}"]))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["backbone=resnet"], "backbone=resnet: no such option; choose one of densenet201"),
+    (["trainer.epoch=3"], "trainer.epoch"),
+    (["backbone=tiny_cnn,nope"], "backbone=nope: no such option"),
+    (["data.frac=0.5,7"], "data.frac: 7 is out of range"),
+])
+def test_precheck_covers_composition_and_every_sweep_value(overrides, message):
+    with pytest.raises(UserError, match=message.replace(".", r"\.")):
+        precheck(CONF_DIR, "config", overrides)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["backbone=nope"], "error: backbone=nope: no such option"),
+    (["data.frac=1.5"], "error: data.frac: 1.5 is out of range"),
+    (["data=kaggle"], "error: data.root: data=kaggle needs data.root=PATH"),
+    (["data=kaggle", "data.root=/definitely/not/here"], "error: data.root: /definitely/not/here is not a folder"),
+    (["-m", "backbone=tiny_cnn,nope"], "error: backbone=nope: no such option"),
+])
+def test_cli_config_errors_exit_2_with_one_line(args, message):
+    result = run_cli(args, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == message or result.stderr.strip().startswith(message)
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr + result.stdout
