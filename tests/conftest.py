@@ -39,10 +39,10 @@ def compose_config(overrides: list[str]):
         return compose("config", overrides=overrides)
 
 
-def run_cli(args: list[str], cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
-    """The real entrypoint, as a user runs it."""
+def run_cli(args: list[str], cwd: Path = ROOT, timeout: int = 600, script: str = "train.py") -> subprocess.CompletedProcess:
+    """A real entrypoint (train.py or scripts/...), as a user runs it."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

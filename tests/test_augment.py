@@ -26,10 +26,15 @@ def _dihedral_images(image):
 
 
 def test_dihedral_returns_one_of_eight_views_per_image_and_is_seeded():
-    images = _batch()
+    images = tf.cast(_batch(64), tf.uint8)
     out = random_dihedral(images, tf.constant([3, 4], tf.int64)).numpy()
+    assert out.dtype == np.uint8
+    drawn = set()
     for original, augmented in zip(images.numpy(), out):
-        assert any(np.array_equal(augmented, view) for view in _dihedral_images(original))
+        matches = [i for i, view in enumerate(_dihedral_images(original)) if np.array_equal(augmented, view)]
+        assert matches
+        drawn.add(matches[0])
+    assert len(drawn) == 8  # every view occurs in a batch of 64
     assert not np.array_equal(out, images.numpy())
     again = random_dihedral(images, tf.constant([3, 4], tf.int64)).numpy()
     assert np.array_equal(out, again)
@@ -68,7 +73,7 @@ def test_pipeline_batches_keep_images_and_labels_together():
     assert [len(x) for x, _ in batches] == [16, 16, 8]
     seen = []
     for x, y in batches:
-        assert x.dtype == tf.float32 and y.shape[1:] == (1,)
+        assert x.dtype == tf.uint8 and y.dtype == tf.float32 and y.shape[1:] == (1,)
         index = x.numpy()[:, 0, 0, 0].astype(int)
         assert (y.numpy()[:, 0] == index % 2).all()
         seen += index.tolist()

@@ -20,16 +20,25 @@ def kaggle_root(tmp_path):
 
 def _options():
     for group in GROUPS:
-        for path in sorted((CONF_DIR / group).glob("*.yaml")):
+        for path in sorted((CONF_DIR / group).glob("[!_]*.yaml")):  # _common.yaml is a shared part
             yield group, path.stem
 
 
+@pytest.fixture
+def pcam_root(tmp_path):
+    for split in ("train", "valid"):
+        for kind in "xy":
+            (tmp_path / f"camelyonpatch_level_2_split_{split}_{kind}.h5").touch()
+    return tmp_path
+
+
 @pytest.mark.parametrize(("group", "option"), list(_options()))
-def test_every_group_option_composes_and_validates(group, option, kaggle_root, tmp_path):
-    overrides = [f"{group}={option}" if group != "experiment" else f"+experiment={option}",
-                 f"data.root={kaggle_root}" if (group, option) != ("data", "synthetic") else "data=synthetic"]
-    if group == "experiment" or (group, option) == ("data", "kaggle"):
-        overrides.insert(0, "data=kaggle")
+def test_every_group_option_composes_and_validates(group, option, kaggle_root, pcam_root, tmp_path):
+    overrides = [f"{group}={option}"]
+    if (group, option) == ("data", "pcam_h5"):
+        overrides.append(f"data.root={pcam_root}")
+    elif group == "experiment" or (group, option) == ("data", "kaggle"):
+        overrides.append(f"data.root={kaggle_root}")  # experiments bring their own data option
     if group == "experiment":
         weights = tmp_path / "w.h5"
         weights.write_bytes(b"stand-in")

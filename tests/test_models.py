@@ -13,7 +13,7 @@ from histo_transfer.errors import ConfigError
 from histo_transfer.models.classifier import build_classifier
 from histo_transfer.training import configure_precision
 
-HEAD = OmegaConf.create({"dropout": 0.2, "units": 64})
+HEAD = OmegaConf.create({"dropout": 0.2, "units": 64, "bn_momentum": 0.99})
 
 
 def backbone_cfg(**values):
@@ -62,21 +62,21 @@ def mobilenet_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / "mobilenet_v1_025.weights.h5"
     source = keras.applications.MobileNet(input_shape=(96, 96, 3), alpha=0.25, include_top=False, weights=None)
     source.save_weights(path)
-    path.kernel = source.layers[1].get_weights()[0]  # first conv, to check the load
-    return path
+    return path, source.layers[1].get_weights()[0]  # and the first conv kernel, to check the load
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.1, 1.0])
 def test_fine_tune_fraction_unfreezes_the_top_of_a_pretrained_backbone(mobilenet_weights, fraction):
-    cfg = backbone_cfg(name="mobilenet_v1", alpha=0.25, weights=str(mobilenet_weights), fine_tune_fraction=fraction)
+    path, kernel = mobilenet_weights
+    cfg = backbone_cfg(name="mobilenet_v1", alpha=0.25, weights=str(path), fine_tune_fraction=fraction)
     _, backbone = build_classifier(cfg, HEAD)
     layers = backbone.model.layers
     flags = [layer.trainable for layer in layers]
     expected = len(layers) - round(len(layers) * (1 - fraction))
     assert sum(flags) == expected
     assert flags == sorted(flags)  # frozen bottom, trainable top
-    assert backbone.weights_source == f"file:{mobilenet_weights}"
-    assert np.array_equal(backbone.model.layers[1].get_weights()[0], mobilenet_weights.kernel)
+    assert backbone.weights_source == f"file:{path}"
+    assert np.array_equal(backbone.model.layers[1].get_weights()[0], kernel)
 
 
 def test_random_backbone_trains_whole(caplog):
@@ -88,7 +88,7 @@ def test_random_backbone_trains_whole(caplog):
 
 
 def test_weights_file_for_another_architecture_is_a_config_error(mobilenet_weights):
-    cfg = backbone_cfg(name="mobilenet_v1", alpha=0.5, weights=str(mobilenet_weights))
+    cfg = backbone_cfg(name="mobilenet_v1", alpha=0.5, weights=str(mobilenet_weights[0]))
     with pytest.raises(ConfigError, match="backbone.weights: .* does not fit backbone mobilenet_v1"):
         build_classifier(cfg, HEAD)
 

@@ -144,3 +144,20 @@ def test_epochs_zero_evaluates_the_untrained_model(tmp_path):
     [run] = MlflowClient(cfg.tracking.uri).search_runs(["1"])
     assert run.info.status == "FINISHED" and run.data.metrics["best_epoch"] == 0
     assert best == pytest.approx(run.data.metrics["best_val_auc"])
+
+
+def test_skip_policy_trains_without_bad_images_and_lists_them(tmp_path):
+    root = tmp_path / "kaggle"
+    ids = write_kaggle_layout(root, [0, 1] * 20)
+    (root / "train" / f"{ids[5]}.tif").write_bytes(b"broken")
+    (root / "train" / "stray.tif").write_bytes((root / "train" / f"{ids[0]}.tif").read_bytes())
+    cfg = compose_config([*TINY_MODEL, *store_overrides(tmp_path), "data=kaggle", f"data.root={root}",
+                          "data.on_bad_image=skip", "trainer.epochs=1"])
+    train(cfg)
+    [run] = MlflowClient(cfg.tracking.uri).search_runs(["1"])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["n_bad_images"] == 1 and run.data.metrics["n_unlisted_files"] == 1
+    assert run.data.metrics["n_train"] + run.data.metrics["n_val"] == 39
+    bad = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/data/bad_images.tsv")
+    assert bad.startswith(f"{ids[5]}\t") and "corrupt" in bad
+    assert mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/data/unlisted_files.txt") == "stray.tif\n"

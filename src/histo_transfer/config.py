@@ -8,11 +8,13 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from histo_transfer.data import pcam_h5
 from histo_transfer.data.layout import check_layout
 from histo_transfer.errors import ConfigError
 from histo_transfer.models.backbones import BACKBONES
 
-DATA_SOURCES = ("synthetic", "kaggle")
+DATA_SOURCES = ("synthetic", "kaggle", "pcam_h5")
+BAD_IMAGE_POLICIES = ("error", "skip")
 AUGMENTATIONS = ("none", "basic", "notebook", "strong")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "plateau")
@@ -28,6 +30,7 @@ def validate(cfg: DictConfig) -> None:
         _check_trainer(cfg.trainer)
         _number(cfg.head, "head.dropout", low=0, high=1, high_open=True)
         _integer(cfg.head, "head.units", low=1)
+        _number(cfg.head, "head.bn_momentum", low=0, high=1, high_open=True)
         if not isinstance(cfg.tracking.experiment, str) or not cfg.tracking.experiment:
             raise ConfigError("tracking.experiment", "must be a non-empty name")
     except OmegaConfBaseException as exc:
@@ -40,13 +43,22 @@ def _check_data(data) -> None:
     _number(data, "data.frac", low=0, high=1, low_open=True)
     _number(data, "data.val_split", low=0, high=1, low_open=True, high_open=True)
     _integer(data, "data.seed")
+    if data.workers is not None:
+        _integer(data, "data.workers", low=1)
+    if data.on_bad_image not in BAD_IMAGE_POLICIES:
+        raise ConfigError("data.on_bad_image", f"{data.on_bad_image!r} is not one of {', '.join(BAD_IMAGE_POLICIES)}")
     if data.name == "synthetic":
         _integer(data, "data.n_train", low=20)
         _integer(data, "data.n_test", low=0)
         return
     if OmegaConf.is_missing(data, "root") or data.root in (None, ""):
-        raise ConfigError("data.root", "data=kaggle needs data.root=PATH, the folder holding train/ and train_labels.csv")
-    check_layout(Path(data.root).expanduser())
+        holds = "train/ and train_labels.csv" if data.name == "kaggle" else "the camelyonpatch_level_2_split_*.h5 files"
+        raise ConfigError("data.root", f"data={data.name} needs data.root=PATH, the folder holding {holds}")
+    root = Path(data.root).expanduser()
+    if data.name == "kaggle":
+        check_layout(root)
+    else:
+        pcam_h5.check_layout(root)
 
 
 def _check_backbone(backbone) -> None:

@@ -9,7 +9,6 @@ import traceback
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-import keras
 import mlflow
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
@@ -105,15 +104,15 @@ def tracked_run(experiment_id: str, run_name: str, tags: dict[str, str]):
         mlflow.end_run("FINISHED")
 
 
-class EpochMetrics(keras.callbacks.Callback):
-    """Logs loss, accuracy, auc, their val_ twins and the learning rate at step = epoch number (1-based)."""
+def epoch_metrics_callback(names: tuple[str, ...]):
+    """A Keras callback logging `names` and the learning rate at step = epoch number (1-based)."""
+    import keras  # here, not at module level: EDA and data scripts use this module without TensorFlow
 
-    def __init__(self, names: tuple[str, ...]):
-        super().__init__()
-        self.names = names
+    class EpochMetrics(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            metrics = {name: float(logs[name]) for name in names if name in logs}
+            metrics["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            mlflow.log_metrics(metrics, step=epoch + 1)
 
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        metrics = {name: float(logs[name]) for name in self.names if name in logs}
-        metrics["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        mlflow.log_metrics(metrics, step=epoch + 1)
+    return EpochMetrics()

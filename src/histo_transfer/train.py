@@ -48,8 +48,7 @@ def train(cfg: DictConfig) -> float:
         mlflow.set_tag("precision_policy", configure_precision(cfg.trainer.mixed_precision))
         keras.utils.set_random_seed(cfg.trainer.seed)
         data = load_training_data(cfg.data)
-        mlflow.set_tags({"dataset_fingerprint": data.fingerprint, "data_root": str(data.root)})
-        mlflow.log_metrics({"n_train": len(data.train_indices), "n_val": len(data.val_indices)})
+        _log_data(data)
 
         model, backbone = build_classifier(cfg.backbone, cfg.head)
         mlflow.set_tag("weights_source", backbone.weights_source)
@@ -61,7 +60,7 @@ def train(cfg: DictConfig) -> float:
         val_ds = make_dataset(data.images, data.labels, data.val_indices, batch)
         steps_per_epoch = -(-len(data.train_indices) // batch)
         callbacks = compile_classifier(model, cfg.optimizer, cfg.trainer, steps_per_epoch)
-        result = fit(model, train_ds, val_ds, cfg.trainer, [*callbacks, tracking.EpochMetrics(EPOCH_METRICS)])
+        result = fit(model, train_ds, val_ds, cfg.trainer, [*callbacks, tracking.epoch_metrics_callback(EPOCH_METRICS)])
         mlflow.log_metrics({"best_val_auc": result.best_val_auc, "best_epoch": result.best_epoch})
 
         _log_evaluation(model, val_ds, data.labels[data.val_indices], result, out)
@@ -69,6 +68,19 @@ def train(cfg: DictConfig) -> float:
         log.info("run %s finished: best val AUC %.4f at epoch %d",
                  run.info.run_id, result.best_val_auc, result.best_epoch)
     return result.best_val_auc
+
+
+def _log_data(data) -> None:
+    """What the run trained on: fingerprint, counts, and the patches left out."""
+    import mlflow
+
+    mlflow.set_tags({"dataset_fingerprint": data.fingerprint, "data_root": str(data.root)})
+    mlflow.log_metrics({"n_train": len(data.train_indices), "n_val": len(data.val_indices),
+                        "n_bad_images": len(data.patches.bad), "n_unlisted_files": len(data.unlisted)})
+    if data.patches.bad:
+        mlflow.log_text(data.patches.bad_report(), "data/bad_images.tsv")
+    if data.unlisted:
+        mlflow.log_text("".join(f"{name}\n" for name in data.unlisted), "data/unlisted_files.txt")
 
 
 def _command_line_overrides() -> list[str]:

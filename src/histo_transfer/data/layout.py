@@ -22,6 +22,7 @@ class LabelledPatches:
     root: Path
     ids: np.ndarray  # str, without .tif
     labels: np.ndarray  # int8, 0 or 1
+    unlisted: list[str]  # files in train/ without a CSV row: ignored, but reported
 
     def paths(self) -> list[Path]:
         train_dir = self.root / "train"
@@ -46,6 +47,9 @@ def read_labelled(root: Path) -> LabelledPatches:
     import pandas as pd
 
     csv_path = root / LABELS_FILE
+    train_files = {p.name for p in (root / "train").iterdir() if not p.name.startswith(".")}
+    if not train_files:
+        raise DataError(f"{root / 'train'}: folder is empty; expected one <id>.tif per row of {LABELS_FILE}")
     try:
         # str dtype keeps ids such as "00e1" or "1e5" verbatim; CRLF line endings are accepted.
         table = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8")
@@ -76,11 +80,13 @@ def read_labelled(root: Path) -> LabelledPatches:
         row = bad.index[0] + 2
         raise DataError(f"{csv_path} row {row}: label {bad.iloc[0]!r} is not 0 or 1")
 
-    patches = LabelledPatches(root, ids.to_numpy(dtype=str), labels.astype(np.int8).to_numpy())
-    missing = [p for p in patches.paths() if not p.is_file()]
+    listed = {f"{image_id}{IMAGE_SUFFIX}" for image_id in ids}
+    missing = sorted(listed - train_files)
     if missing:
-        raise DataError(f"{missing[0]}: listed in {csv_path} but not found ({len(missing)} missing files in all)")
-    return patches
+        raise DataError(f"{root / 'train' / missing[0]}: listed in {csv_path} but not found "
+                        f"({len(missing)} missing files in all)")
+    unlisted = sorted(train_files - listed)
+    return LabelledPatches(root, ids.to_numpy(dtype=str), labels.astype(np.int8).to_numpy(), unlisted)
 
 
 def test_ids(root: Path) -> list[str]:
@@ -88,14 +94,24 @@ def test_ids(root: Path) -> list[str]:
     test_dir = root / "test"
     if not test_dir.is_dir():
         return []
-    return sorted(p.stem for p in test_dir.iterdir() if p.suffix == IMAGE_SUFFIX)
+    names = sorted(p.name for p in test_dir.iterdir() if not p.name.startswith("."))
+    strangers = [name for name in names if not name.endswith(IMAGE_SUFFIX)]
+    if strangers:
+        raise DataError(f"{test_dir / strangers[0]}: not a {IMAGE_SUFFIX} patch; test/ must hold only "
+                        f"<id>{IMAGE_SUFFIX} files ({len(strangers)} other files in all)")
+    return [name[: -len(IMAGE_SUFFIX)] for name in names]
 
 
 def fingerprint(root: Path) -> str:
     """Hash of the labels file and the train/ listing (names, sizes, mtimes); changes when the data does."""
     digest = hashlib.sha256((root / LABELS_FILE).read_bytes())
-    with os.scandir(root / "train") as entries:
-        for entry in sorted(entries, key=lambda e: e.name):
-            stat = entry.stat()
-            digest.update(f"{entry.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return files_fingerprint(sorted((root / "train").iterdir()), digest)
+
+
+def files_fingerprint(paths: list[Path], digest=None) -> str:
+    """Hash of file names, sizes and modification times: cheap, and changes when any file does."""
+    digest = digest or hashlib.sha256()
+    for path in paths:
+        stat = path.stat()
+        digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]

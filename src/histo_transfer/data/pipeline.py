@@ -10,15 +10,18 @@ from histo_transfer import IMAGE_SHAPE
 
 def make_dataset(images, labels: np.ndarray, indices: np.ndarray, batch_size: int, *,
                  shuffle: bool = False, augment=None, seed: int = 0) -> tf.data.Dataset:
-    """Batches of (float32 RGB 0-255 images, float32 (B, 1) labels); augmentation runs on whole batches."""
+    """Batches of (RGB 0-255 images, float32 (B, 1) labels); augmentation runs on whole batches.
+
+    Images stay uint8 unless an augmentation needs floats: a quarter of the bytes to move, and the
+    model casts them on its own device.
+    """
 
     def gather(batch_indices):
         return images[batch_indices], labels[batch_indices].astype(np.float32)[:, None]
 
     def load(batch_indices):
         x, y = tf.numpy_function(gather, [batch_indices], (tf.uint8, tf.float32))
-        x = tf.ensure_shape(x, (None, *IMAGE_SHAPE))
-        return tf.cast(x, tf.float32), tf.ensure_shape(y, (None, 1))
+        return tf.ensure_shape(x, (None, *IMAGE_SHAPE)), tf.ensure_shape(y, (None, 1))
 
     dataset = tf.data.Dataset.from_tensor_slices(np.asarray(indices, dtype=np.int64))
     if shuffle:

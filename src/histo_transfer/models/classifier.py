@@ -32,9 +32,9 @@ def build_classifier(backbone_cfg, head_cfg) -> tuple[keras.Model, Backbone]:
     x = layers.GlobalAveragePooling2D()(x)
     x = layers.Dropout(head_cfg.dropout)(x)
     x = layers.Dense(head_cfg.units, activation="relu")(x)
-    x = layers.BatchNormalization()(x)
+    x = layers.BatchNormalization(momentum=head_cfg.bn_momentum)(x)
     x = layers.Dense(head_cfg.units, activation="relu")(x)
-    x = layers.BatchNormalization()(x)
+    x = layers.BatchNormalization(momentum=head_cfg.bn_momentum)(x)
     x = layers.Dense(1)(x)
     # float32 even under mixed_float16, so probabilities are not rounded to half precision
     outputs = layers.Activation("sigmoid", dtype="float32", name="probability")(x)

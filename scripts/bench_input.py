@@ -1,0 +1,179 @@
+"""Input-pipeline benchmark: is a run limited by its input or by compute?
+
+Measures, in one process, on the same data and augmentation, images per second of
+  (a) the notebook's loader: ImageDataGenerator.flow_from_dataframe reading TIFFs,
+  (b) building the packed cache,
+  (c) the tf.data pipeline from the cache (shuffle, batch, augmentation),
+  (d) training steps of the chosen backbone on one batch already in memory (pure compute),
+  (e) a real training epoch fed by (c),
+and prints one table. The source layout (default: ../shared/data/pcam_sample beside the checkout,
+else the built-in synthetic data) is repeated with hard links to --images patches.
+
+    python scripts/bench_input.py --images 20000 --backbone mobilenet_v1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+DEFAULT_SOURCE = ROOT.parent / "shared" / "data" / "pcam_sample"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE if DEFAULT_SOURCE.is_dir() else None,
+                        help="Kaggle-layout folder to repeat (default: the pcam sample, else synthetic data)")
+    parser.add_argument("--images", type=int, default=20_000, help="patches in the benchmark layout")
+    parser.add_argument("--notebook-images", type=int, default=3_000, help="patches read by the notebook loader")
+    parser.add_argument("--backbone", default="mobilenet_v1")
+    parser.add_argument("--input-size", type=int, default=96)
+    parser.add_argument("--augmentation", default="basic")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--compute-steps", type=int, default=60, help="steps timed for (d)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench_input_") as tmp:
+        work = Path(tmp)
+        source = args.source or _synthetic_source(work)
+        layout = replicate(source, work / "layout", args.images)
+        rows = run_benchmarks(layout, work, args)
+    print_table(rows, args)
+
+
+def _synthetic_source(work: Path) -> Path:
+    from histo_transfer.data.synthetic import ensure_synthetic
+
+    return ensure_synthetic(work / "synthetic", n_train=2000, n_test=0)
+
+
+def replicate(source: Path, target: Path, count: int) -> Path:
+    """A Kaggle layout of `count` patches: the source's files under new ids (hard links, no copies)."""
+    import pandas as pd
+
+    labels = pd.read_csv(source / "train_labels.csv", dtype=str)
+    (target / "train").mkdir(parents=True)
+    rows = []
+    for index in range(count):
+        original = labels.iloc[index % len(labels)]
+        new_id = f"{index:08d}{original.id[8:]}"
+        src, dst = source / "train" / f"{original.id}.tif", target / "train" / f"{new_id}.tif"
+        try:
+            os.link(src, dst)
+        except OSError:  # another file system: copy
+            shutil.copyfile(src, dst)
+        rows.append((new_id, original.label))
+    pd.DataFrame(rows, columns=["id", "label"]).to_csv(target / "train_labels.csv", index=False)
+    return target
+
+
+def run_benchmarks(layout: Path, work: Path, args) -> list[tuple[str, int, float, str]]:
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "data=kaggle", f"data.root={layout}", f"data.cache_dir={work / 'cache'}",
+            f"backbone={args.backbone}", "backbone.weights=null", f"backbone.input_size={args.input_size}",
+            f"augmentation={args.augmentation}", f"trainer.batch_size={args.batch_size}"])
+    rows = [notebook_loader(layout, args)]
+
+    from histo_transfer.data.loading import load_training_data
+
+    started = time.perf_counter()
+    data = load_training_data(cfg.data)  # builds the packed cache
+    rows.append(("(b) packed cache build (decode TIFFs, all cores)", len(data.labels),
+                 time.perf_counter() - started, "once per data version"))
+
+    import keras
+    import tensorflow as tf
+
+    from histo_transfer.augment import build_augmentation
+    from histo_transfer.data.pipeline import make_dataset
+    from histo_transfer.models.classifier import build_classifier
+    from histo_transfer.training import compile_classifier
+
+    augment = build_augmentation(cfg.augmentation, 0)
+    dataset = make_dataset(data.images, data.labels, data.train_indices, args.batch_size,
+                           shuffle=True, augment=augment, seed=0)
+    next(iter(dataset))  # build the pipeline before timing
+    started, seen = time.perf_counter(), 0
+    for images, _ in dataset:
+        seen += len(images)
+    rows.append(("(c) tf.data from the cache (shuffle, batch, augment)", seen, time.perf_counter() - started,
+                 "one pass over the training split"))
+
+    keras.utils.set_random_seed(0)
+    model, _ = build_classifier(cfg.backbone, cfg.head)
+    compile_classifier(model, cfg.optimizer, cfg.trainer, steps_per_epoch=len(data.train_indices) // args.batch_size)
+    batch = next(iter(dataset))
+    in_memory = tf.data.Dataset.from_tensors(batch).repeat()
+    timer = EpochTimer()
+    model.fit(in_memory, steps_per_epoch=args.compute_steps, epochs=2, callbacks=[timer], verbose=0)
+    rows.append(("(d) training steps on an in-memory batch (compute only)", args.compute_steps * args.batch_size,
+                 timer.seconds[-1], f"{cfg.backbone.name} at {args.input_size} px, after warm-up"))
+
+    steps = len(data.train_indices) // args.batch_size
+    model.fit(dataset, steps_per_epoch=steps, epochs=2, callbacks=[timer], verbose=0)
+    rows.append(("(e) real training epoch fed by (c)", steps * args.batch_size, timer.seconds[-1],
+                 "second epoch, after warm-up"))
+    return rows
+
+
+def notebook_loader(layout: Path, args) -> tuple[str, int, float, str]:
+    """The notebook's ImageDataGenerator reading TIFFs, with flips as its augmentation."""
+    import pandas as pd
+    import tensorflow as tf
+
+    frame = pd.read_csv(layout / "train_labels.csv", dtype=str).head(args.notebook_images)
+    frame["id"] = frame["id"] + ".tif"
+    generator = tf.keras.preprocessing.image.ImageDataGenerator(horizontal_flip=True, vertical_flip=True)
+    flow = generator.flow_from_dataframe(frame, directory=str(layout / "train"), x_col="id", y_col="label",
+                                         target_size=(96, 96), batch_size=args.batch_size, class_mode="binary")
+    started, seen = time.perf_counter(), 0
+    for _ in range(len(flow)):
+        images, _ = next(flow)
+        seen += len(images)
+    return ("(a) notebook: ImageDataGenerator.flow_from_dataframe", seen, time.perf_counter() - started,
+            "reads and decodes every TIFF every epoch")
+
+
+class EpochTimer:
+    """Wall time of each epoch (a plain object so this module imports without Keras)."""
+
+    def __new__(cls):
+        import keras
+
+        class Timer(keras.callbacks.Callback):
+            seconds: list[float] = []
+
+            def on_epoch_begin(self, epoch, logs=None):
+                self.started = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                self.seconds.append(time.perf_counter() - self.started)
+
+        return Timer()
+
+
+def print_table(rows, args) -> None:
+    rates = {row[0][:3]: row[1] / row[2] for row in rows}
+    print(f"\nInput benchmark: {args.images} patches, batch {args.batch_size}, augmentation {args.augmentation}, "
+          f"{os.cpu_count()} CPU cores\n")
+    print(f"| {'stage':<56} | {'images':>7} | {'seconds':>8} | {'images/s':>9} | note")
+    print(f"|{'-' * 58}|{'-' * 9}|{'-' * 10}|{'-' * 11}|------")
+    for stage, images, seconds, note in rows:
+        print(f"| {stage:<56} | {images:>7} | {seconds:>8.2f} | {images / seconds:>9,.0f} | {note}")
+    print(f"\ncache build {rates['(b)']:,.0f} images/s (target >= 3,000); "
+          f"pipeline / notebook loader = {rates['(c)'] / rates['(a)']:.0f}x (target >= 20x); "
+          f"real epoch / compute only = {rates['(e)'] / rates['(d)']:.0%} (target >= 90%)")
+
+
+if __name__ == "__main__":
+    main()

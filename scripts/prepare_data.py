@@ -1,0 +1,15 @@
+"""Decode a data set once into its packed cache (training does this on first use too).
+
+    python scripts/prepare_data.py data=kaggle data.root=PATH
+"""
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+
+if __name__ == "__main__":
+    from histo_transfer.cli import run
+
+    run("histo_transfer.data.loading:prepare", ROOT / "conf")
