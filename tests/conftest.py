@@ -64,8 +64,17 @@ def write_kaggle_layout(root: Path, labels: list[int], size=(96, 96), mode="RGB"
     return ids
 
 
+@pytest.fixture
+def trained_run(trained_once):
+    """The shared trained run, with MLflow pointed at its store (other tests point it elsewhere)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(trained_once["uri"])
+    return trained_once
+
+
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory):
+def trained_once(tmp_path_factory):
     """One tiny model trained through `python train.py`; tests read its MLflow run."""
     import mlflow
 

@@ -9,7 +9,8 @@ from histo_transfer.cli import precheck
 from histo_transfer.config import validate
 from histo_transfer.errors import ConfigError, UserError
 
-GROUPS = ["data", "backbone", "augmentation", "optimizer", "trainer", "tracking", "paths", "experiment"]
+GROUPS = ["data", "backbone", "augmentation", "optimizer", "trainer", "tracking", "paths", "experiment",
+          "hparams_search", "tuner"]
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ def test_every_group_option_composes_and_validates(group, option, kaggle_root, p
         overrides.append(f"backbone.weights={weights}")
     cfg = compose_config(overrides)
     validate(cfg)
-    if group not in ("paths", "tracking", "trainer", "experiment"):
+    if group not in ("paths", "tracking", "trainer", "experiment", "hparams_search"):
         assert cfg[group].name == option
 
 
@@ -78,6 +79,9 @@ def test_mlflow_tracking_uri_environment_overrides_the_store(monkeypatch):
     (["trainer.batch_size=abc"], "trainer.batch_size: must be a whole number"),
     (["trainer.mixed_precision=maybe"], "trainer.mixed_precision"),
     (["head.dropout=1"], "head.dropout"),
+    (["tuner=random", "tuner.max_trials=0"], "tuner.max_trials: 0 is too small"),
+    (["tuner=random", "tuner.search_space.lr.min=0"], "tuner.search_space.lr.min: 0 is out of range"),
+    (["tuner=random", "tuner.search_space.dropout={min: 0.5, max: 0.2}"], "tuner.search_space.dropout.max"),
 ])
 def test_wrong_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):

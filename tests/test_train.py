@@ -36,6 +36,8 @@ def test_run_finishes_with_every_metric_per_epoch(trained_run):
     val_auc = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_auc")}
     assert run.data.metrics["best_val_auc"] == pytest.approx(max(val_auc.values()))
     assert val_auc[best_epoch] == max(val_auc.values())
+    val_loss = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_loss")}
+    assert run.data.metrics["best_val_loss"] == pytest.approx(val_loss[best_epoch])
 
 
 def test_run_records_config_as_dotted_params_and_its_tags(trained_run):
@@ -54,8 +56,11 @@ def test_run_records_config_as_dotted_params_and_its_tags(trained_run):
 def test_run_logs_config_plots_summary_and_models(trained_run):
     run_id, client = trained_run["run"].info.run_id, MlflowClient(trained_run["uri"])
     artifacts = set(_artifacts(client, run_id))
-    assert {"config/config.yaml", "config/overrides.yaml", "plots/training_curves.png", "plots/val_roc.png",
+    assert {"config/config.yaml", "config/overrides.yaml", "plots/training_curves.png", "evaluation/roc.png",
+            "evaluation/pr.png", "evaluation/reliability.png", "evaluation/confusion.png", "evaluation/metrics.json",
             "model/summary.txt", "model/model.keras"} <= artifacts
+    metrics = trained_run["run"].data.metrics
+    assert metrics["eval/auc_ci_low"] <= metrics["eval/auc"] <= metrics["eval/auc_ci_high"]
     config = mlflow.artifacts.load_text(f"runs:/{run_id}/config/config.yaml")
     assert "name: tiny_cnn" in config and "batch_size: 16" in config
     assert "trainer.epochs=2" in mlflow.artifacts.load_text(f"runs:/{run_id}/config/overrides.yaml")
@@ -144,6 +149,9 @@ def test_epochs_zero_evaluates_the_untrained_model(tmp_path):
     [run] = MlflowClient(cfg.tracking.uri).search_runs(["1"])
     assert run.info.status == "FINISHED" and run.data.metrics["best_epoch"] == 0
     assert best == pytest.approx(run.data.metrics["best_val_auc"])
+    for name in ("val_loss", "val_accuracy", "val_auc"):
+        [point] = MlflowClient(cfg.tracking.uri).get_metric_history(run.info.run_id, name)
+        assert point.step == 0 and point.value == pytest.approx(run.data.metrics[f"best_{name}"])
 
 
 def test_skip_policy_trains_without_bad_images_and_lists_them(tmp_path):

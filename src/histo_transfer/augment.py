@@ -47,13 +47,11 @@ def random_dihedral(images: tf.Tensor, pair: tf.Tensor) -> tf.Tensor:
     parts = tf.dynamic_partition(images, view, 8)
     positions = tf.dynamic_partition(tf.range(count), view, 8)
     for index in range(8):
-        transpose, flip_rows, flip_columns = index & 4, index & 2, index & 1
-        if transpose:
+        if index & 4:
             parts[index] = tf.transpose(parts[index], [0, 2, 1, 3])
-        if flip_rows:
-            parts[index] = tf.reverse(parts[index], [1])
-        if flip_columns:
-            parts[index] = tf.reverse(parts[index], [2])
+        axes = [axis for axis, flip in ((1, index & 2), (2, index & 1)) if flip]
+        if axes:
+            parts[index] = tf.reverse(parts[index], axes)  # one pass for both flips
     return tf.dynamic_stitch(positions, parts)
 
 

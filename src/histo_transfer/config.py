@@ -18,6 +18,7 @@ BAD_IMAGE_POLICIES = ("error", "skip")
 AUGMENTATIONS = ("none", "basic", "notebook", "strong")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "plateau")
+TUNERS = ("random", "hyperband", "bayesian")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -31,8 +32,12 @@ def validate(cfg: DictConfig) -> None:
         _number(cfg.head, "head.dropout", low=0, high=1, high_open=True)
         _integer(cfg.head, "head.units", low=1)
         _number(cfg.head, "head.bn_momentum", low=0, high=1, high_open=True)
+        if cfg.get("tuner") is not None:
+            _check_tuner(cfg.tuner)
         if not isinstance(cfg.tracking.experiment, str) or not cfg.tracking.experiment:
             raise ConfigError("tracking.experiment", "must be a non-empty name")
+        for key in sorted(OmegaConf.missing_keys(cfg)):
+            raise ConfigError(key, f"is required: add {key}=VALUE to the command line")
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "config"
         raise ConfigError(str(key), str(exc).splitlines()[0]) from exc
@@ -112,6 +117,20 @@ def _check_trainer(trainer) -> None:
     _integer(trainer, "trainer.seed")
     if not isinstance(trainer.mixed_precision, bool):
         raise ConfigError("trainer.mixed_precision", "must be true or false")
+
+
+def _check_tuner(tuner) -> None:
+    _choice(tuner.name, "tuner", TUNERS)
+    _integer(tuner, "tuner.epochs", low=1)
+    _integer(tuner, "tuner.max_trials", low=1)
+    for key, bounds in tuner.search_space.items():
+        if bounds is None:
+            continue
+        if key not in ("lr", "dropout"):
+            raise ConfigError(f"tuner.search_space.{key}", "only lr and dropout can be searched")
+        _number(bounds, f"tuner.search_space.{key}.min", low=0, low_open=key == "lr")
+        _number(bounds, f"tuner.search_space.{key}.max", low=bounds.min, low_open=True,
+                high=1 if key == "dropout" else None, high_open=True)
 
 
 def _choice(value, group: str, options) -> None:

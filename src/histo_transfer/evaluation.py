@@ -1,7 +1,12 @@
-"""Figures and scores of a trained classifier (no MLflow here: callers log what this returns)."""
+"""Scores and figures of a classifier on labelled patches (no MLflow here: callers log what this writes).
+
+`evaluate` writes every figure and table into a folder and returns the scalar metrics; training
+runs (on their validation split) and evaluate.py (on any labelled folder) both use it.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -9,7 +14,86 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
+from sklearn.metrics import auc as area, precision_recall_curve, roc_auc_score, roc_curve  # noqa: E402
+
+CALIBRATION_BINS = 10
+BOOTSTRAP_SAMPLES = 1000
+ERROR_GRID = 8  # most confident false positives / negatives shown
+
+
+def evaluate(labels: np.ndarray, probabilities: np.ndarray, images, out: Path, seed: int = 0) -> dict[str, float]:
+    """ROC/PR curves, AUC with bootstrap 95 % CI, threshold metrics at 0.5 and Youden's J,
+    confusion matrices, calibration (reliability diagram, ECE, Brier) and the most confident errors."""
+    labels = np.asarray(labels).astype(int)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics: dict[str, float] = {"n": float(len(labels)), "positive_fraction": float(labels.mean())}
+    if len(set(labels.tolist())) < 2:
+        raise ValueError("evaluation needs patches of both labels")
+
+    fpr, tpr, thresholds = roc_curve(labels, probabilities)
+    metrics["auc"] = float(roc_auc_score(labels, probabilities))
+    metrics["auc_ci_low"], metrics["auc_ci_high"] = bootstrap_auc_ci(labels, probabilities, seed)
+    precision, recall, _ = precision_recall_curve(labels, probabilities)
+    metrics["pr_auc"] = float(area(recall, precision))
+    youden = float(thresholds[np.argmax(tpr - fpr)])
+    metrics["youden_threshold"] = min(youden, 1.0)
+    confusion = {}
+    for name, threshold in (("at_0.5", 0.5), ("at_youden", metrics["youden_threshold"])):
+        scores, matrix = threshold_metrics(labels, probabilities, threshold)
+        metrics.update({f"{k}_{name}": v for k, v in scores.items()})
+        confusion[name] = {"threshold": threshold, **matrix}
+    metrics["ece"], metrics["brier"], reliability = calibration(labels, probabilities)
+
+    (out / "confusion.json").write_text(json.dumps(confusion, indent=1))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    np.savetxt(out / "roc_curve.csv", np.column_stack([fpr, tpr, thresholds]), delimiter=",",
+               header="fpr,tpr,threshold", comments="")
+    _plot_roc(fpr, tpr, metrics, out / "roc.png")
+    _plot_pr(recall, precision, metrics, out / "pr.png")
+    _plot_confusion(confusion["at_0.5"], out / "confusion.png")
+    _plot_reliability(reliability, metrics, out / "reliability.png")
+    if images is not None:
+        _plot_errors(labels, probabilities, images, out / "confident_errors.png")
+    return metrics
+
+
+def bootstrap_auc_ci(labels, probabilities, seed: int = 0, samples: int = BOOTSTRAP_SAMPLES) -> tuple[float, float]:
+    """Percentile 95 % interval of the ROC AUC over patches resampled with replacement."""
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(samples):
+        pick = rng.integers(0, len(labels), len(labels))
+        if labels[pick].min() != labels[pick].max():
+            values.append(roc_auc_score(labels[pick], probabilities[pick]))
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def threshold_metrics(labels, probabilities, threshold: float) -> tuple[dict[str, float], dict[str, int]]:
+    predicted = probabilities >= threshold
+    tp = int((predicted & (labels == 1)).sum())
+    tn = int((~predicted & (labels == 0)).sum())
+    fp = int((predicted & (labels == 0)).sum())
+    fn = int((~predicted & (labels == 1)).sum())
+    scores = {"accuracy": (tp + tn) / len(labels), "sensitivity": tp / max(tp + fn, 1),
+              "specificity": tn / max(tn + fp, 1)}
+    return scores, {"tp": tp, "fp": fp, "tn": tn, "fn": fn}
+
+
+def calibration(labels, probabilities, bins: int = CALIBRATION_BINS):
+    """Expected calibration error over equal-width bins, Brier score, and the reliability table."""
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(probabilities, edges[1:-1]), 0, bins - 1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            confidence, observed = probabilities[members].mean(), labels[members].mean()
+            ece += members.mean() * abs(confidence - observed)
+            table.append((edges[b], edges[b + 1], int(members.sum()), float(confidence), float(observed)))
+    brier = float(np.mean((probabilities - labels) ** 2))
+    return float(ece), brier, table
 
 
 def plot_training_curves(history: dict[str, list[float]], path: Path) -> Path:
@@ -30,16 +114,81 @@ def plot_training_curves(history: dict[str, list[float]], path: Path) -> Path:
     return path
 
 
-def plot_roc(labels: np.ndarray, probabilities: np.ndarray, path: Path, title: str = "Validation ROC") -> float:
-    """Writes the ROC curve to `path`; returns the exact ROC AUC."""
-    auc = roc_auc_score(labels, probabilities)
-    fpr, tpr, _ = roc_curve(labels, probabilities)
+def summary_text(metrics: dict[str, float], title: str) -> str:
+    """The one-screen summary printed by evaluate.py."""
+    m = metrics
+    return "\n".join([
+        title,
+        f"  patches {int(m['n'])}, positive fraction {m['positive_fraction']:.3f}",
+        f"  ROC AUC {m['auc']:.4f}  (95 % CI {m['auc_ci_low']:.4f} - {m['auc_ci_high']:.4f}),  PR AUC {m['pr_auc']:.4f}",
+        f"  at 0.5:              accuracy {m['accuracy_at_0.5']:.4f}  sensitivity {m['sensitivity_at_0.5']:.4f}"
+        f"  specificity {m['specificity_at_0.5']:.4f}",
+        f"  at Youden {m['youden_threshold']:.3f}:  accuracy {m['accuracy_at_youden']:.4f}"
+        f"  sensitivity {m['sensitivity_at_youden']:.4f}  specificity {m['specificity_at_youden']:.4f}",
+        f"  calibration: ECE {m['ece']:.4f}, Brier {m['brier']:.4f}",
+    ])
+
+
+def _plot_roc(fpr, tpr, metrics, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot(fpr, tpr, label=f"AUC = {auc:.4f}")
+    ax.plot(fpr, tpr, label=f"AUC = {metrics['auc']:.4f} [{metrics['auc_ci_low']:.3f}, {metrics['auc_ci_high']:.3f}]")
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
     ax.legend(loc="lower right")
+    _save(fig, path)
+
+
+def _plot_pr(recall, precision, metrics, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot(recall, precision, label=f"PR AUC = {metrics['pr_auc']:.4f}")
+    ax.axhline(metrics["positive_fraction"], linestyle="--", color="grey", label="chance")
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision", title="Precision-recall", ylim=(0, 1.02))
+    ax.legend(loc="lower left")
+    _save(fig, path)
+
+
+def _plot_confusion(matrix: dict, path: Path) -> None:
+    cells = np.array([[matrix["tn"], matrix["fp"]], [matrix["fn"], matrix["tp"]]])
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.imshow(cells, cmap="Blues")
+    for (row, column), count in np.ndenumerate(cells):
+        ax.text(column, row, str(count), ha="center", va="center", fontsize=12)
+    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["0", "1"], yticklabels=["0", "1"],
+           xlabel="predicted", ylabel="true", title=f"Confusion at {matrix['threshold']:.2f}")
+    _save(fig, path)
+
+
+def _plot_reliability(table, metrics, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    centres = [(low + high) / 2 for low, high, *_ in table]
+    ax.bar(centres, [observed for *_, observed in table], width=1 / CALIBRATION_BINS, edgecolor="black",
+           alpha=0.6, label="observed share of label 1")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    ax.set(xlabel="predicted probability", ylabel="observed frequency",
+           title=f"Reliability (ECE {metrics['ece']:.3f}, Brier {metrics['brier']:.3f})", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="upper left")
+    _save(fig, path)
+
+
+def _plot_errors(labels, probabilities, images, path: Path) -> None:
+    """The most confident false positives (top row) and false negatives (bottom row)."""
+    false_pos = np.flatnonzero((labels == 0) & (probabilities >= 0.5))
+    false_neg = np.flatnonzero((labels == 1) & (probabilities < 0.5))
+    false_pos = false_pos[np.argsort(-probabilities[false_pos])][:ERROR_GRID]
+    false_neg = false_neg[np.argsort(probabilities[false_neg])][:ERROR_GRID]
+    fig, axes = plt.subplots(2, ERROR_GRID, figsize=(2 * ERROR_GRID, 4.6), squeeze=False)
+    for row, (picked, kind) in enumerate(((false_pos, "label 0"), (false_neg, "label 1"))):
+        for column in range(ERROR_GRID):
+            ax = axes[row, column]
+            ax.axis("off")
+            if column < len(picked):
+                ax.imshow(images[picked[column]])
+                ax.set_title(f"{kind}, p={probabilities[picked[column]]:.2f}", fontsize=8)
+    fig.suptitle("Most confident errors: false positives (top), false negatives (bottom)")
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return float(auc)

@@ -84,10 +84,14 @@ def git_commit(folder: Path) -> str:
 
 
 @contextlib.contextmanager
-def tracked_run(experiment_id: str, run_name: str, tags: dict[str, str]):
-    """An MLflow run that always ends: FINISHED, FAILED (with the error as tag and artifact) or KILLED."""
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
-    log.info("MLflow run %s (%s) in %s", run.info.run_id, run_name, redact_uri(mlflow.get_tracking_uri()))
+def tracked_run(experiment_id: str, run_name: str | None, tags: dict[str, str], run_id: str | None = None,
+                nested: bool = False):
+    """An MLflow run that always ends: FINISHED, FAILED (with the error as tag and artifact) or KILLED.
+
+    With `run_id`, an existing run is continued (a resumed search); `nested` opens a child of the active run.
+    """
+    run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=run_name, tags=tags, nested=nested)
+    log.info("MLflow run %s (%s) in %s", run.info.run_id, run.info.run_name, redact_uri(mlflow.get_tracking_uri()))
     try:
         yield run
     except KeyboardInterrupt:

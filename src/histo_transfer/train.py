@@ -9,6 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from histo_transfer.config import validate
+from histo_transfer.sweep import parent_run_id
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +20,10 @@ LOGGED_MODEL_NAME = "classifier"
 def train(cfg: DictConfig) -> float:
     """Run one training job; returns the best validation AUC (what sweepers maximise)."""
     validate(cfg)
+    if cfg.get("tuner") is not None:  # a keras-tuner search instead of one run
+        from histo_transfer.tuning import tune
+
+        return tune(cfg)
     # TensorFlow is imported only once the config is known to be good.
     import keras
     import mlflow
@@ -31,7 +36,7 @@ def train(cfg: DictConfig) -> float:
     from histo_transfer.training import EPOCH_METRICS, compile_classifier, configure_precision, fit
 
     experiment_id = tracking.setup(cfg.tracking)
-    overrides = _command_line_overrides()
+    overrides, in_sweep = _hydra_job()
     run_name = cfg.tracking.run_name or tracking.run_name_from_overrides(overrides)
     tags = {
         "mlflow.source.git.commit": tracking.git_commit(Path(cfg.paths.root_dir)),
@@ -39,6 +44,8 @@ def train(cfg: DictConfig) -> float:
         "data": cfg.data.name,
         **{str(k): str(v) for k, v in cfg.tracking.tags.items()},
     }
+    if in_sweep and parent_run_id():
+        tags["mlflow.parentRunId"] = parent_run_id()  # nests this job under the sweep in the UI
     with tracking.tracked_run(experiment_id, run_name, tags) as run, tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         mlflow.log_params(tracking.flat_params(cfg))
@@ -61,9 +68,11 @@ def train(cfg: DictConfig) -> float:
         steps_per_epoch = -(-len(data.train_indices) // batch)
         callbacks = compile_classifier(model, cfg.optimizer, cfg.trainer, steps_per_epoch)
         result = fit(model, train_ds, val_ds, cfg.trainer, [*callbacks, tracking.epoch_metrics_callback(EPOCH_METRICS)])
-        mlflow.log_metrics({"best_val_auc": result.best_val_auc, "best_epoch": result.best_epoch})
+        if result.best_epoch == 0:  # the untrained model's validation scores, as step 0
+            mlflow.log_metrics(result.best, step=0)
+        mlflow.log_metrics({"best_epoch": result.best_epoch, **{f"best_{k}": v for k, v in result.best.items()}})
 
-        _log_evaluation(model, val_ds, data.labels[data.val_indices], result, out)
+        _log_evaluation(model, val_ds, data, result, out)
         _log_model(model, data.images[data.val_indices[:4]], out)
         log.info("run %s finished: best val AUC %.4f at epoch %d",
                  run.info.run_id, result.best_val_auc, result.best_epoch)
@@ -83,25 +92,33 @@ def _log_data(data) -> None:
         mlflow.log_text("".join(f"{name}\n" for name in data.unlisted), "data/unlisted_files.txt")
 
 
-def _command_line_overrides() -> list[str]:
+def _hydra_job() -> tuple[list[str], bool]:
+    """This job's command-line overrides, and whether it is one job of a multirun."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     if not HydraConfig.initialized():  # called from Python, not through a Hydra entrypoint
-        return []
-    return list(HydraConfig.get().overrides.task)
+        return [], False
+    hydra_cfg = HydraConfig.get()
+    return list(hydra_cfg.overrides.task), hydra_cfg.mode == RunMode.MULTIRUN
 
 
-def _log_evaluation(model, val_ds, val_labels, result, out: Path) -> None:
+def _log_evaluation(model, val_ds, data, result, out: Path) -> None:
+    """Training curves, and the validation split scored as evaluate.py scores any labelled folder."""
     import mlflow
 
-    from histo_transfer.evaluation import plot_roc, plot_training_curves
+    from histo_transfer.evaluation import evaluate, plot_training_curves
 
     if result.best_epoch > 0:
         mlflow.log_artifact(str(plot_training_curves(result.history, out / "training_curves.png")), "plots")
+    labels = data.labels[data.val_indices]
+    if len(set(labels.tolist())) < 2:
+        log.warning("validation split holds one label only: no ROC or calibration report")
+        return
     probabilities = model.predict(val_ds, verbose=0)[:, 0]
-    if len(set(val_labels.tolist())) == 2:
-        plot_roc(val_labels, probabilities, out / "val_roc.png")
-        mlflow.log_artifact(str(out / "val_roc.png"), "plots")
+    metrics = evaluate(labels, probabilities, data.images[data.val_indices], out / "evaluation")
+    mlflow.log_metrics({f"eval/{k}": v for k, v in metrics.items()})
+    mlflow.log_artifacts(str(out / "evaluation"), "evaluation")
 
 
 def _log_model(model, example, out: Path) -> None:

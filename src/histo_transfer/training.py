@@ -46,12 +46,15 @@ class BestEpoch(keras.callbacks.Callback):
         super().__init__()
         self.best_auc = -np.inf
         self.best_epoch = 0
+        self.best_logs: dict[str, float] = {}
         self._weights = None
 
     def on_epoch_end(self, epoch, logs=None):
-        auc = (logs or {}).get("val_auc", -np.inf)
+        logs = logs or {}
+        auc = logs.get("val_auc", -np.inf)
         if auc > self.best_auc:
             self.best_auc, self.best_epoch = float(auc), epoch + 1
+            self.best_logs = {k: float(v) for k, v in logs.items() if k.startswith("val_")}
             self._weights = self.model.get_weights()
 
     def on_train_end(self, logs=None):
@@ -61,16 +64,20 @@ class BestEpoch(keras.callbacks.Callback):
 
 @dataclass
 class FitResult:
-    best_val_auc: float
     best_epoch: int  # 1-based; 0 = the untrained model (trainer.epochs=0)
+    best: dict[str, float]  # val_loss, val_accuracy, val_auc of the best epoch
     history: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def best_val_auc(self) -> float:
+        return self.best["val_auc"]
 
 
 def fit(model: keras.Model, train_ds, val_ds, trainer_cfg, callbacks: list) -> FitResult:
     """Train `trainer_cfg.epochs` epochs (0: only evaluate) and leave the best epoch's weights in `model`."""
     if trainer_cfg.epochs == 0:
-        scores = model.evaluate(val_ds, return_dict=True, verbose=0)
-        return FitResult(float(scores["auc"]), 0, {f"val_{k}": [float(v)] for k, v in scores.items()})
+        scores = {f"val_{k}": float(v) for k, v in model.evaluate(val_ds, return_dict=True, verbose=0).items()}
+        return FitResult(0, scores, {k: [v] for k, v in scores.items()})
     best = BestEpoch()
     callbacks = [*callbacks, best]
     if trainer_cfg.early_stopping_patience > 0:
@@ -78,4 +85,4 @@ def fit(model: keras.Model, train_ds, val_ds, trainer_cfg, callbacks: list) -> F
             monitor="val_auc", mode="max", patience=trainer_cfg.early_stopping_patience))
     history = model.fit(train_ds, validation_data=val_ds, epochs=trainer_cfg.epochs,
                         callbacks=callbacks, shuffle=False, verbose=2)  # the dataset shuffles itself
-    return FitResult(best.best_auc, best.best_epoch, {k: [float(v) for v in vs] for k, vs in history.history.items()})
+    return FitResult(best.best_epoch, best.best_logs, {k: [float(v) for v in vs] for k, vs in history.history.items()})

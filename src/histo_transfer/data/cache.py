@@ -6,6 +6,7 @@ complete: an interrupted build is never read, and the next run redoes it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -135,14 +136,26 @@ class ImageFiles(PatchSource):
         target = folder / IMAGES_FILE
         np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(len(self), *IMAGE_SHAPE)).flush()
         chunks = [(target, start, self.paths[start:start + CHUNK]) for start in range(0, len(self), CHUNK)]
+        workers = workers or os.cpu_count() or 1
         bad: dict[int, str] = {}
-        # spawn, not fork: the parent may already run TensorFlow threads, which fork would copy mid-flight
-        context = multiprocessing.get_context("spawn")
-        with context.Pool(workers or os.cpu_count()) as pool, progress(len(self), "decoding patches") as bar:
-            for done, chunk_bad in pool.imap_unordered(_decode_chunk, chunks):
+        with contextlib.ExitStack() as stack:
+            if workers == 1 or not _may_start_processes():
+                results = map(_decode_chunk, chunks)
+            else:  # spawn, not fork: the parent may run TensorFlow threads, which fork copies mid-flight
+                pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers))
+                results = pool.imap_unordered(_decode_chunk, chunks)
+            bar = stack.enter_context(progress(len(self), "decoding patches"))
+            for done, chunk_bad in results:
                 bad.update(chunk_bad)
                 bar.update(done)
         return bad
+
+
+def _may_start_processes() -> bool:
+    """False inside a job of a parallel sweep: a daemonic process may not have children, and a
+    joblib (loky) worker passes its own start method on to them, which plain multiprocessing lacks."""
+    method = multiprocessing.get_start_method(allow_none=True)
+    return not multiprocessing.current_process().daemon and method in (None, "fork", "spawn", "forkserver")
 
 
 def _decode_chunk(task) -> tuple[int, dict[int, str]]:

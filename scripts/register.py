@@ -1,0 +1,15 @@
+"""Register a training run's model in the MLflow model registry, with an alias:
+
+    python scripts/register.py run=<run id> name=pcam-classifier alias=champion
+"""
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+
+if __name__ == "__main__":
+    from histo_transfer.cli import run
+
+    run("histo_transfer.registry:register_from_config", ROOT / "conf", config_name="register")

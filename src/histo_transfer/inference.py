@@ -1,0 +1,95 @@
+"""Batched prediction with test-time augmentation, and Kaggle submission writing and checking."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from histo_transfer.errors import UserError
+
+TTA_VIEWS = {"none": 1, "flips": 4, "dihedral8": 8}
+
+
+class SubmissionError(UserError):
+    """A submission that Kaggle would reject or score wrongly."""
+
+
+def tta_views(images, tta: str):
+    """The views averaged over: none; flips (identity, left-right, up-down, both); dihedral8
+    (the 4 rotations, each also mirrored). TensorFlow ops on a whole batch."""
+    import tensorflow as tf
+
+    if tta == "none":
+        return [images]
+    if tta == "flips":
+        return [images, tf.reverse(images, [2]), tf.reverse(images, [1]), tf.reverse(images, [1, 2])]
+    if tta == "dihedral8":
+        rotations = [tf.image.rot90(images, k) for k in range(4)]
+        return rotations + [tf.reverse(view, [2]) for view in rotations]
+    raise ValueError(f"unknown tta {tta!r}; choose one of {', '.join(TTA_VIEWS)}")
+
+
+def predict_probabilities(model, images, batch_size: int = 256, tta: str = "none", progress: bool = True) -> np.ndarray:
+    """Probability of label 1 for every patch of `images` (array-like, e.g. the memory-mapped cache),
+    averaged over the TTA views, as float32 of shape (N,)."""
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    views = TTA_VIEWS[tta]
+
+    @tf.function(reduce_retracing=True)
+    def step(batch):
+        stacked = tf.concat(tta_views(batch, tta), axis=0)
+        probabilities = tf.cast(model(stacked, training=False), tf.float32)
+        return tf.reduce_mean(tf.reshape(probabilities, [views, -1]), axis=0)
+
+    out = np.empty(len(images), dtype=np.float32)
+    with tqdm(total=len(images), desc=f"predicting (tta={tta})", unit="img", disable=not progress) as bar:
+        for start in range(0, len(images), batch_size):
+            batch = np.asarray(images[start:start + batch_size])
+            out[start:start + len(batch)] = step(tf.constant(batch)).numpy()
+            bar.update(len(batch))
+    return out
+
+
+def submission_frame(ids, probabilities, expected_ids=None) -> pd.DataFrame:
+    """`id,label` rows (label = probability of 1), in the order of `expected_ids` when given
+    (sample_submission.csv), after checking that every expected id is there exactly once."""
+    frame = pd.DataFrame({"id": np.asarray(ids, dtype=str), "label": np.asarray(probabilities, dtype=np.float64)})
+    check_submission(frame, expected_ids if expected_ids is not None else frame["id"])
+    if expected_ids is not None:
+        frame = frame.set_index("id").loc[list(expected_ids)].reset_index()
+    return frame
+
+
+def check_submission(frame: pd.DataFrame, expected_ids) -> None:
+    """Every expected id exactly once, nothing else, probabilities in [0, 1] and no NaN."""
+    if list(frame.columns) != ["id", "label"]:
+        raise SubmissionError(f"submission columns are {','.join(map(str, frame.columns))}; expected id,label")
+    ids = frame["id"].astype(str)
+    duplicated = ids[ids.duplicated()]
+    if len(duplicated):
+        raise SubmissionError(f"submission has id {duplicated.iloc[0]} more than once ({len(duplicated)} duplicates)")
+    expected = pd.Index(pd.Series(list(expected_ids), dtype=str))
+    missing, extra = expected.difference(ids), pd.Index(ids).difference(expected)
+    if len(missing):
+        raise SubmissionError(f"submission lacks id {missing[0]} ({len(missing)} missing of {len(expected)})")
+    if len(extra):
+        raise SubmissionError(f"submission has id {extra[0]} that is not a test patch ({len(extra)} extra)")
+    labels = frame["label"]
+    if labels.isna().any():
+        raise SubmissionError(f"submission label of id {ids[labels.isna()].iloc[0]} is NaN")
+    outside = labels[(labels < 0) | (labels > 1)]
+    if len(outside):
+        raise SubmissionError(f"submission label {outside.iloc[0]} of id {ids[outside.index[0]]} is outside [0, 1]")
+
+
+def write_submission(frame: pd.DataFrame, path: Path) -> Path:
+    """Written whole or not at all: a temporary file renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    frame.to_csv(partial, index=False)
+    partial.replace(path)
+    return path

@@ -1,0 +1,55 @@
+"""Evaluation report: every score checked against a hand computation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from histo_transfer.evaluation import bootstrap_auc_ci, calibration, evaluate, summary_text, threshold_metrics
+
+LABELS = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+PROBS = np.array([0.1, 0.2, 0.3, 0.8, 0.4, 0.6, 0.7, 0.9])
+
+
+def test_threshold_metrics_count_by_hand():
+    scores, matrix = threshold_metrics(LABELS, PROBS, 0.5)
+    assert matrix == {"tp": 3, "fp": 1, "tn": 3, "fn": 1}
+    assert scores == {"accuracy": 0.75, "sensitivity": 0.75, "specificity": 0.75}
+
+
+def test_calibration_ece_and_brier_by_hand():
+    labels, probs = np.array([0, 1, 1, 0]), np.array([0.05, 0.05, 0.95, 0.95])
+    ece, brier, table = calibration(labels, probs)
+    # two bins, each: confidence 0.05 or 0.95, observed 0.5 -> |gap| 0.45, weight 1/2 each
+    assert ece == pytest.approx(0.45) and brier == pytest.approx((0.05**2 + 0.95**2 + 0.05**2 + 0.95**2) / 4)
+    assert [row[2] for row in table] == [2, 2]
+
+
+def test_bootstrap_interval_brackets_the_auc():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    probs = np.clip(labels * 0.3 + rng.normal(0.35, 0.2, 400), 0, 1)
+    low, high = bootstrap_auc_ci(labels, probs)
+    assert low < roc_auc_score(labels, probs) < high and high - low < 0.15
+
+
+def test_report_writes_every_figure_and_table(tmp_path):
+    images = np.zeros((8, 96, 96, 3), np.uint8)
+    metrics = evaluate(LABELS, PROBS, images, tmp_path)
+    assert metrics["auc"] == pytest.approx(roc_auc_score(LABELS, PROBS))
+    assert metrics["accuracy_at_0.5"] == 0.75
+    assert metrics["accuracy_at_youden"] >= metrics["accuracy_at_0.5"]  # Youden maximises tpr - fpr
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "roc.png", "pr.png", "confusion.png", "reliability.png", "confident_errors.png",
+        "confusion.json", "metrics.json", "roc_curve.csv"}
+    assert json.loads((tmp_path / "confusion.json").read_text())["at_0.5"]["fp"] == 1
+    text = summary_text(metrics, "evaluation")
+    assert "ROC AUC 0.8125" in text and "ECE" in text
+
+
+def test_one_label_only_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="both labels"):
+        evaluate(np.zeros(4), np.full(4, 0.3), None, tmp_path)

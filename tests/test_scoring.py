@@ -1,0 +1,205 @@
+"""predict.py, evaluate.py, TTA, submissions, the model registry and safe loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import CONF_DIR, run_cli
+from histo_transfer.data.images import read_patches
+from histo_transfer.data.layout import read_labelled, test_ids as list_test_ids
+from histo_transfer.errors import ConfigError, UserError
+from histo_transfer.inference import SubmissionError, predict_probabilities, submission_frame
+from histo_transfer.registry import load_model, register
+from histo_transfer.scoring import evaluate_model, predict
+
+pytestmark = pytest.mark.slow
+
+
+def scoring_config(trained_run, name, *extra):
+    """The trained run's data and store, composed as predict.py / evaluate.py compose theirs."""
+    from hydra import compose, initialize_config_dir
+
+    keep = [o for o in trained_run["overrides"] if o.startswith(("data.", "paths.", "tracking."))]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(name, overrides=[*keep, *extra])
+
+
+@pytest.fixture
+def trained(trained_run):
+    run_id = trained_run["run"].info.run_id
+    root = trained_run["tmp"] / "cache" / "synthetic" / "v2_160x8"
+    return {**trained_run, "run_id": run_id, "root": root, "model": load_model(run_id).model}
+
+
+def _test_images(root):
+    ids = list_test_ids(root)
+    return ids, read_patches([root / "test" / f"{i}.tif" for i in ids])
+
+
+def test_predict_writes_a_checked_submission_linked_to_the_model_run(trained, tmp_path):
+    output = tmp_path / "submission.csv"
+    predict(scoring_config(trained, "predict", f"model={trained['run_id']}", f"output={output}"))
+    submission = pd.read_csv(output, dtype={"id": str})
+    ids, images = _test_images(trained["root"])
+    assert list(submission.columns) == ["id", "label"] and submission["id"].tolist() == ids
+    expected = trained["model"].predict(images, verbose=0)[:, 0]
+    assert np.allclose(submission["label"], expected, atol=1e-6)
+    [run] = MlflowClient(trained["uri"]).search_runs(["1"], "tags.kind = 'predict'", max_results=1)
+    assert run.info.status == "FINISHED" and run.data.tags["source_run_id"] == trained["run_id"]
+    assert [a.path for a in MlflowClient(trained["uri"]).list_artifacts(run.info.run_id, "submission")] == [
+        "submission/submission.csv"]
+
+
+def test_submission_follows_sample_submission_order(trained, tmp_path):
+    ids, _ = _test_images(trained["root"])
+    template = trained["root"] / "sample_submission.csv"
+    template.write_text("id,label\n" + "".join(f"{i},0\n" for i in reversed(ids)))
+    try:
+        output = tmp_path / "s.csv"
+        predict(scoring_config(trained, "predict", f"model={trained['run_id']}", f"output={output}"))
+        assert pd.read_csv(output, dtype={"id": str})["id"].tolist() == list(reversed(ids))
+    finally:
+        template.unlink()
+
+
+@pytest.mark.parametrize(("tta", "views"), [("flips", 4), ("dihedral8", 8)])
+def test_tta_averages_the_views(trained, tta, views):
+    _, images = _test_images(trained["root"])
+    model = trained["model"]
+    if tta == "flips":
+        transformed = [images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]]
+    else:
+        rotations = [np.rot90(images, k, axes=(1, 2)) for k in range(4)]
+        transformed = rotations + [r[:, :, ::-1] for r in rotations]
+    assert len(transformed) == views
+    expected = np.mean([model.predict(np.ascontiguousarray(v), verbose=0)[:, 0] for v in transformed], axis=0)
+    got = predict_probabilities(model, images, batch_size=3, tta=tta, progress=False)
+    assert np.allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(("ids", "labels", "message"), [
+    (["a", "b"], [0.1, 0.2], "lacks id c (1 missing of 3)"),
+    (["a", "b", "b", "c"], [0.1, 0.2, 0.2, 0.3], "has id b more than once"),
+    (["a", "b", "c", "d"], [0.1, 0.2, 0.3, 0.4], "has id d that is not a test patch"),
+    (["a", "b", "c"], [0.1, float("nan"), 0.3], "label of id b is NaN"),
+    (["a", "b", "c"], [0.1, 1.2, 0.3], "label 1.2 of id b is outside"),
+])
+def test_bad_submissions_are_refused(ids, labels, message):
+    with pytest.raises(SubmissionError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        submission_frame(ids, labels, expected_ids=["a", "b", "c"])
+
+
+def test_evaluate_reports_on_a_labelled_folder(trained):
+    metrics = evaluate_model(scoring_config(trained, "evaluate", f"model={trained['run_id']}", "tta=flips"))
+    client = MlflowClient(trained["uri"])
+    [run] = client.search_runs(["1"], "tags.kind = 'evaluate'", max_results=1)
+    assert run.info.status == "FINISHED" and run.data.tags["eval_split"] == "all"
+    assert run.data.metrics["eval/auc"] == pytest.approx(metrics["auc"])
+    assert metrics["n"] == 160  # every labelled patch of the folder
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/roc.png", "evaluation/pr.png", "evaluation/reliability.png",
+            "evaluation/confusion.png", "evaluation/metrics.json"} <= names
+    listing = read_labelled(trained["root"])
+    assert metrics["positive_fraction"] == pytest.approx(listing.labels.mean())
+
+
+def test_registered_model_is_usable_by_alias_and_version(trained, tmp_path):
+    version = register(trained["run_id"], "pcam-classifier", "champion")
+    _, images = _test_images(trained["root"])
+    expected = trained["model"].predict(images, verbose=0)
+    for ref in ("models:/pcam-classifier@champion", f"models:/pcam-classifier/{version}"):
+        loaded = load_model(ref)
+        assert loaded.source_run_id == trained["run_id"]
+        assert np.allclose(loaded.model.predict(images, verbose=0), expected, atol=1e-6)
+    # and through the command line, as README shows it
+    result = run_cli([*[o for o in trained["overrides"] if o.startswith(("data.", "paths.", "tracking."))],
+                      "model=models:/pcam-classifier@champion", f"output={tmp_path / 'cli.csv'}", "tta=dihedral8"],
+                     script="predict.py")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(pd.read_csv(tmp_path / "cli.csv")) == 8
+
+
+def test_unknown_model_reference_is_a_config_error():
+    with pytest.raises(ConfigError, match="model: 'nowhere.keras' is neither"):
+        load_model("nowhere.keras")
+
+
+def test_model_with_arbitrary_code_is_refused(tmp_path):
+    inputs = keras.Input((96, 96, 3))
+    outputs = keras.layers.Lambda(lambda x: x[:, :1, 0, 0])(inputs)
+    path = tmp_path / "lambda.keras"
+    keras.Model(inputs, outputs).save(path)
+    with pytest.raises(UserError, match="refused, the file carries arbitrary Python code"):
+        load_model(str(path))
+
+
+def test_mlflow_model_serving_answers_like_the_model(trained):
+    """`mlflow models serve --env-manager local` on a loopback port, posting real patches."""
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    [logged] = mlflow.search_logged_models(experiment_ids=[trained["run"].info.experiment_id],
+                                           filter_string=f"source_run_id = '{trained['run_id']}'", output_format="list")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # as from an activated environment: the server runs `uvicorn` from PATH
+    bin_dir = os.path.dirname(sys.executable)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": trained["uri"], "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", logged.model_uri, "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)  # its own group
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert server.poll() is None, server.stdout.read().decode()[-3000:]
+            try:
+                if urllib.request.urlopen(f"{url}/ping", timeout=2).status == 200:
+                    break
+            except OSError:
+                assert time.time() < deadline, "server did not answer /ping in 240 s"
+                time.sleep(1)
+        _, images = _test_images(trained["root"])
+        body = json.dumps({"inputs": images.astype(np.float32).tolist()}).encode()
+        request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=120).read())
+        served = np.asarray(answer["predictions"], dtype=np.float32).reshape(-1)
+        assert np.allclose(served, trained["model"].predict(images, verbose=0)[:, 0], atol=1e-5)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        deadline = time.time() + 30
+        while live_group_members(server.pid) and time.time() < deadline:
+            time.sleep(0.5)
+        if live_group_members(server.pid):
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+    assert live_group_members(server.pid) == []  # no worker of the server survives
+
+
+def live_group_members(group: int) -> list[int]:
+    """Processes of a process group that still run (zombies excluded), read from /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended while we looked
+        state, process_group = fields[0], int(fields[2])
+        if process_group == group and state != "Z":
+            members.append(int(stat.parent.name))
+    return members

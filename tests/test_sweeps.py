@@ -1,0 +1,128 @@
+"""Searches: grid and Optuna sweeps as one MLflow parent with nested jobs, keras-tuner, parallel jobs,
+and the launcher configs for going past one machine."""
+
+from __future__ import annotations
+
+import math
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import CONF_DIR, TINY_RUN, compose_config, run_cli, store_overrides
+from histo_transfer.train import train
+
+pytestmark = pytest.mark.slow
+TINY_SWEEP = [o for o in TINY_RUN if not o.startswith("trainer.epochs")] + ["trainer.epochs=1"]
+
+
+def sweep_runs(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    runs = client.search_runs(["1"], max_results=100)
+    [parent] = [r for r in runs if r.data.tags.get("kind") in ("sweep", "keras-tuner")]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    return client, parent, children
+
+
+def summary(client, parent):
+    path = mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="summary/sweep_summary.csv",
+                                               tracking_uri=client.tracking_uri)
+    return pd.read_csv(path)
+
+
+def test_grid_sweep_is_one_parent_with_nested_jobs_and_a_summary(tmp_path):
+    result = run_cli(["-m", *TINY_SWEEP, *store_overrides(tmp_path), "tracking.register_best=sweep-best",
+                      "optimizer.lr=0.001,0.01", "augmentation=none,basic"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    client, parent, children = sweep_runs(tmp_path)
+    assert parent.info.status == "FINISHED" and len(children) == 4
+    assert {c.info.status for c in children} == {"FINISHED"}
+    assert {(c.data.params["optimizer.lr"], c.data.params["augmentation.name"]) for c in children} == {
+        ("0.001", "none"), ("0.001", "basic"), ("0.01", "none"), ("0.01", "basic")}
+    assert "optimizer.lr=0.001,0.01" in parent.data.tags["sweep_overrides"]
+    assert parent.data.tags["sweep_dir"].startswith(str(CONF_DIR.parent / "multirun"))
+    table = summary(client, parent)
+    assert len(table) == 4 and table["best"].sum() == 1
+    best = max(children, key=lambda c: c.data.metrics["best_val_auc"])
+    assert table.loc[table["best"], "run_id"].item() == best.info.run_id
+    assert parent.data.tags["best_child_run_id"] == best.info.run_id
+    assert client.get_run(best.info.run_id).data.tags["best_in_sweep"] == "true"
+    assert parent.data.params["best.optimizer.lr"] == best.data.params["optimizer.lr"]
+    assert {"summary/sweep_summary.csv", "summary/sweep_summary.png"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
+    champion = client.get_model_version_by_alias("sweep-best", "champion")  # tracking.register_best
+    assert champion.run_id == best.info.run_id
+
+
+def test_epochs_zero_compares_backbones(tmp_path):
+    tiny = [o for o in TINY_SWEEP if not o.startswith("backbone")]
+    result = run_cli(["-m", *tiny, *store_overrides(tmp_path), "trainer.epochs=0",
+                      "backbone=tiny_cnn,mobilenet_v1", "backbone.weights=null"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    client, parent, children = sweep_runs(tmp_path)
+    table = summary(client, parent).set_index("backbone.name")
+    assert sorted(table.index) == ["mobilenet_v1", "tiny_cnn"]
+    for child in children:
+        row = table.loc[child.data.params["backbone.name"]]
+        assert child.data.metrics["best_epoch"] == 0
+        for metric in ("best_val_loss", "best_val_accuracy", "best_val_auc"):
+            assert row[metric] == pytest.approx(child.data.metrics[metric])
+
+
+def test_optuna_search_over_the_learning_rate(tmp_path):
+    result = run_cli([*TINY_SWEEP, *store_overrides(tmp_path), "hparams_search=lr_optuna", "hydra.sweeper.n_trials=3"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    client, parent, children = sweep_runs(tmp_path)
+    assert parent.info.status == "FINISHED" and len(children) == 3
+    assert "optimizer.lr=tag(log, interval(0.00001, 0.1))" in parent.data.tags["sweep_search_space"]
+    rates = [float(c.data.params["optimizer.lr"]) for c in children]
+    assert all(1e-5 <= r <= 0.1 for r in rates) and len(set(rates)) == 3
+    best = max(children, key=lambda c: c.data.metrics["best_val_auc"])
+    assert math.isclose(float(parent.data.params["best.optimizer.lr"]), float(best.data.params["optimizer.lr"]))
+    assert parent.data.metrics["best_val_auc"] == pytest.approx(best.data.metrics["best_val_auc"])
+
+
+def test_parallel_joblib_jobs_share_one_sqlite_store(tmp_path):
+    result = run_cli(["-m", *TINY_SWEEP, *store_overrides(tmp_path), "hydra/launcher=parallel",
+                      "trainer.seed=1,2,3,4"], timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "database is locked" not in result.stderr
+    client, parent, children = sweep_runs(tmp_path)
+    assert parent.info.status == "FINISHED"
+    assert sorted(c.data.params["trainer.seed"] for c in children) == ["1", "2", "3", "4"]  # none lost or doubled
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_auc")] == [1]
+        assert "best_val_auc" in child.data.metrics
+
+
+def test_keras_tuner_search_nests_trials_and_resumes(tmp_path):
+    overrides = [*TINY_SWEEP, *store_overrides(tmp_path), "tuner=random", "tuner.max_trials=2",
+                 f"tuner.directory={tmp_path / 'kt'}"]
+    best = train(compose_config(overrides))
+    client, parent, children = sweep_runs(tmp_path)
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    assert {c.data.tags["kind"] for c in children} == {"trial"}
+    assert all(1e-5 <= float(c.data.params["hp.lr"]) <= 0.1 for c in children)
+    assert best == pytest.approx(max(c.data.metrics["best_val_auc"] for c in children))
+    best_child = max(children, key=lambda c: c.data.metrics["best_val_auc"])
+    assert float(parent.data.tags["best.lr"]) == pytest.approx(float(best_child.data.params["hp.lr"]))
+    # resume with a larger budget: the two finished trials are kept, one more runs, same parent
+    train(compose_config([*overrides[:-2], "tuner.max_trials=3", f"tuner.directory={tmp_path / 'kt'}"]))
+    client, parent_again, children = sweep_runs(tmp_path)
+    assert parent_again.info.run_id == parent.info.run_id and len(children) == 3
+
+
+def test_launcher_configs_for_slurm_and_ray_compose():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        slurm = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+        ray = compose("config", overrides=["hydra/launcher=ray"], return_hydra_config=True)
+        parallel = compose("config", overrides=["hydra/launcher=parallel"], return_hydra_config=True)
+    assert slurm.hydra.launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (slurm.hydra.launcher.gpus_per_node, slurm.hydra.launcher.timeout_min) == (1, 240)
+    assert ray.hydra.launcher._target_ == "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher"
+    assert ray.hydra.launcher.ray.remote.num_gpus == 1
+    assert parallel.hydra.launcher.n_jobs == 4
