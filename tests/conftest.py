@@ -87,3 +87,16 @@ def trained_once(tmp_path_factory):
     runs = mlflow.search_runs(experiment_names=["histo-transfer"], output_format="list")
     assert len(runs) == 1
     return {"run": runs[0], "uri": uri, "tmp": tmp, "overrides": overrides, "cfg": compose_config(overrides)}
+
+
+def live_group_members(group: int) -> list[int]:
+    """Processes of a process group that still run (zombies excluded), read from /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended while we looked
+        if int(fields[2]) == group and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members

@@ -118,3 +118,15 @@ def test_cli_config_errors_exit_2_with_one_line(args, message):
     assert result.stderr.strip() == message or result.stderr.strip().startswith(message)
     assert len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("http://alice:pw@host:5000/x", "http://***@host:5000/x"),
+    ("tracking.uri=postgresql://u:p@db/mlflow other=1", "tracking.uri=postgresql://***@db/mlflow other=1"),
+    ("s3://bucket/key", "s3://bucket/key"),
+    ("sqlite:////work/mlruns/mlflow.db", "sqlite:////work/mlruns/mlflow.db"),
+])
+def test_credentials_in_uris_are_redacted(text, expected):
+    from histo_transfer.tracking import redact_uri
+
+    assert redact_uri(text) == expected

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import keras
 import mlflow
 import numpy as np
@@ -11,7 +9,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import CONF_DIR, run_cli
+from conftest import CONF_DIR, live_group_members, run_cli
 from histo_transfer.data.images import read_patches
 from histo_transfer.data.layout import read_labelled, test_ids as list_test_ids
 from histo_transfer.errors import ConfigError, UserError
@@ -189,17 +187,3 @@ def test_mlflow_model_serving_answers_like_the_model(trained):
             os.killpg(server.pid, signal.SIGKILL)
         server.wait(timeout=30)
     assert live_group_members(server.pid) == []  # no worker of the server survives
-
-
-def live_group_members(group: int) -> list[int]:
-    """Processes of a process group that still run (zombies excluded), read from /proc."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # ended while we looked
-        state, process_group = fields[0], int(fields[2])
-        if process_group == group and state != "Z":
-            members.append(int(stat.parent.name))
-    return members

@@ -16,9 +16,6 @@ from omegaconf.errors import OmegaConfBaseException
 from histo_transfer.config import validate
 from histo_transfer.errors import UserError
 
-EXIT_USER_ERROR = 2
-
-
 def run(task: str, config_dir: Path, config_name: str = "config") -> None:
     """Run `task` ("module:function") under Hydra, after checking every config the command line asks for."""
     from hydra._internal.utils import get_args_parser
@@ -75,8 +72,8 @@ def _guard(action):
     try:
         return action()
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        print(f"{exc.label}: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
 
 
 def _missing_option(exc: MissingConfigException) -> str:

@@ -19,6 +19,7 @@ AUGMENTATIONS = ("none", "basic", "notebook", "strong")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "plateau")
 TUNERS = ("random", "hyperband", "bayesian")
+STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -115,8 +116,13 @@ def _check_trainer(trainer) -> None:
     _number(trainer, "trainer.label_smoothing", low=0, high=1, high_open=True)
     _integer(trainer, "trainer.early_stopping_patience", low=0)
     _integer(trainer, "trainer.seed")
-    if not isinstance(trainer.mixed_precision, bool):
-        raise ConfigError("trainer.mixed_precision", "must be true or false")
+    if trainer.strategy not in STRATEGIES:
+        raise ConfigError("trainer.strategy", f"{trainer.strategy!r} is not one of {', '.join(STRATEGIES)}")
+    if trainer.logical_cpu_devices is not None:
+        _integer(trainer, "trainer.logical_cpu_devices", low=1)
+    for key in ("mixed_precision", "resume"):
+        if not isinstance(trainer[key], bool):
+            raise ConfigError(f"trainer.{key}", "must be true or false")
 
 
 def _check_tuner(tuner) -> None:

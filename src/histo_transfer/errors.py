@@ -4,6 +4,9 @@
 class UserError(Exception):
     """A mistake the user can fix; the message says what and how."""
 
+    exit_code = 2
+    label = "error"
+
 
 class ConfigError(UserError):
     def __init__(self, key: str, message: str):
@@ -13,3 +16,10 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """Bad input data; the message names the file or CSV row."""
+
+
+class TrainingInterrupted(UserError):
+    """Ctrl-C during training: the run ended KILLED and can be resumed."""
+
+    exit_code = 130  # the shell's code for SIGINT
+    label = "interrupted"

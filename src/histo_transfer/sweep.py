@@ -45,7 +45,7 @@ class MlflowSweep(Callback):
             f"{k}={v}" for k, v in searched.items()]))
         run = self.client.create_run(experiment_id, run_name=name, tags={
             "kind": "sweep",
-            "sweep_overrides": " ".join(overrides) or "(none)",
+            "sweep_overrides": tracking.redact_uri(" ".join(overrides)) or "(none)",
             "sweep_search_space": " ".join(f"{k}={v}" for k, v in searched.items()) or "(grid)",
             "sweep_dir": str(config.hydra.sweep.dir),
             "sweeper": str(config.hydra.sweeper.get("_target_", "")),

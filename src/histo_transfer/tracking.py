@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import subprocess
 import traceback
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -38,21 +38,18 @@ def artifact_location(uri: str) -> str | None:
     return (database.parent / "artifacts").resolve().as_uri()
 
 
-def redact_uri(uri: str) -> str:
-    """Drop user name and password from a URI before it is recorded anywhere."""
-    parts = urlsplit(uri)
-    if not parts.password and not parts.username:
-        return uri
-    host = parts.hostname or ""
-    if parts.port:
-        host += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"***@{host}"))
+_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][\w+.-]*://)[^/@\s]+@")
+
+
+def redact_uri(text: str) -> str:
+    """Replace user names and passwords in any URI within `text` (`http://user:pw@host` -> `http://***@host`)."""
+    return _CREDENTIALS.sub(r"\g<scheme>***@", str(text))
 
 
 def run_name_from_overrides(overrides: list[str]) -> str:
     """`backbone=resnet152v2,data.frac=0.3` for a run started with those overrides; `default` for none."""
     chosen = [o for o in overrides if not o.lstrip("+~").startswith(("tracking.", "hydra"))]
-    return ",".join(chosen) or "default"
+    return redact_uri(",".join(chosen)) or "default"
 
 
 def flat_params(cfg: DictConfig) -> dict[str, str]:
@@ -67,9 +64,12 @@ def flat_params(cfg: DictConfig) -> dict[str, str]:
             params[prefix[:-1]] = str(node)
 
     walk(OmegaConf.to_container(cfg, resolve=True), "")
-    if "tracking.uri" in params:
-        params["tracking.uri"] = redact_uri(params["tracking.uri"])
-    return params
+    return {key: redact_uri(value) for key, value in params.items()}
+
+
+def config_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML, credentials in URIs removed."""
+    return redact_uri(OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def git_commit(folder: Path) -> str:
@@ -100,8 +100,8 @@ def tracked_run(experiment_id: str, run_name: str | None, tags: dict[str, str], 
         raise
     except BaseException as exc:
         with contextlib.suppress(Exception):
-            mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
-            mlflow.log_text("".join(traceback.format_exception(exc)), "error.txt")
+            mlflow.set_tag("error", redact_uri(f"{type(exc).__name__}: {exc}")[:5000])
+            mlflow.log_text(redact_uri("".join(traceback.format_exception(exc))), "error.txt")
         mlflow.end_run("FAILED")
         raise
     else:
@@ -120,3 +120,12 @@ def epoch_metrics_callback(names: tuple[str, ...]):
             mlflow.log_metrics(metrics, step=epoch + 1)
 
     return EpochMetrics()
+
+
+def backfill_epochs(run_id: str, history: list[dict[str, float]], names: tuple[str, ...]) -> None:
+    """Log the epochs of `history` that the run lacks (an interruption between checkpoint and logging)."""
+    client = mlflow.tracking.MlflowClient()
+    logged = {metric.step for metric in client.get_metric_history(run_id, "val_auc")}
+    for step, logs in enumerate(history, start=1):
+        if step not in logged:
+            mlflow.log_metrics({k: v for k, v in logs.items() if k in names or k == "lr"}, step=step)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import shlex
+import sys
 import tempfile
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from histo_transfer.config import validate
+from histo_transfer.errors import TrainingInterrupted
 from histo_transfer.sweep import parent_run_id
 
 log = logging.getLogger(__name__)
@@ -24,18 +27,17 @@ def train(cfg: DictConfig) -> float:
         from histo_transfer.tuning import tune
 
         return tune(cfg)
-    # TensorFlow is imported only once the config is known to be good.
-    import keras
-    import mlflow
-
     from histo_transfer import tracking
-    from histo_transfer.augment import build_augmentation
-    from histo_transfer.data.loading import load_training_data
-    from histo_transfer.data.pipeline import make_dataset
-    from histo_transfer.models.classifier import build_classifier
-    from histo_transfer.training import EPOCH_METRICS, compile_classifier, configure_precision, fit
+    from histo_transfer.checkpoints import Checkpoints, run_key
 
     experiment_id = tracking.setup(cfg.tracking)
+    checkpoints = Checkpoints(cfg.trainer.checkpoint_dir, run_key(cfg))
+    resumed = checkpoints.latest() if cfg.trainer.resume else None
+    if cfg.trainer.resume and resumed is None:
+        log.warning("trainer.resume=true, but %s holds no state of this config: starting a new run",
+                    checkpoints.folder)
+    if not cfg.trainer.resume:
+        checkpoints.clear()  # a fresh start: stale state of the same config would only mislead a later resume
     overrides, in_sweep = _hydra_job()
     run_name = cfg.tracking.run_name or tracking.run_name_from_overrides(overrides)
     tags = {
@@ -46,37 +48,80 @@ def train(cfg: DictConfig) -> float:
     }
     if in_sweep and parent_run_id():
         tags["mlflow.parentRunId"] = parent_run_id()  # nests this job under the sweep in the UI
-    with tracking.tracked_run(experiment_id, run_name, tags) as run, tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        mlflow.log_params(tracking.flat_params(cfg))
-        mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
-        mlflow.log_text(OmegaConf.to_yaml(overrides), "config/overrides.yaml")
-
-        mlflow.set_tag("precision_policy", configure_precision(cfg.trainer.mixed_precision))
-        keras.utils.set_random_seed(cfg.trainer.seed)
-        data = load_training_data(cfg.data)
-        _log_data(data)
-
-        model, backbone = build_classifier(cfg.backbone, cfg.head)
-        mlflow.set_tag("weights_source", backbone.weights_source)
-
-        batch = cfg.trainer.batch_size
-        augment = build_augmentation(cfg.augmentation, cfg.trainer.seed)
-        train_ds = make_dataset(data.images, data.labels, data.train_indices, batch,
-                                shuffle=True, augment=augment, seed=cfg.trainer.seed)
-        val_ds = make_dataset(data.images, data.labels, data.val_indices, batch)
-        steps_per_epoch = -(-len(data.train_indices) // batch)
-        callbacks = compile_classifier(model, cfg.optimizer, cfg.trainer, steps_per_epoch)
-        result = fit(model, train_ds, val_ds, cfg.trainer, [*callbacks, tracking.epoch_metrics_callback(EPOCH_METRICS)])
-        if result.best_epoch == 0:  # the untrained model's validation scores, as step 0
-            mlflow.log_metrics(result.best, step=0)
-        mlflow.log_metrics({"best_epoch": result.best_epoch, **{f"best_{k}": v for k, v in result.best.items()}})
-
-        _log_evaluation(model, val_ds, data, result, out)
-        _log_model(model, data.images[data.val_indices[:4]], out)
-        log.info("run %s finished: best val AUC %.4f at epoch %d",
-                 run.info.run_id, result.best_val_auc, result.best_epoch)
+    run_id = resumed[0].run_id if resumed else None
+    try:
+        with tracking.tracked_run(experiment_id, run_name, tags, run_id=run_id) as run:
+            result = _run(cfg, run.info.run_id, overrides, checkpoints, resumed)
+    except KeyboardInterrupt:
+        command = " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]] if a != "trainer.resume=true")
+        raise TrainingInterrupted(f"the run ended KILLED, its last completed epoch is saved; resume with: "
+                                  f"python {command} trainer.resume=true") from None
+    checkpoints.clear()  # finished: nothing left to resume
     return result.best_val_auc
+
+
+def _run(cfg: DictConfig, run_id: str, overrides: list[str], checkpoints, resumed):
+    """The body of a training run, inside its MLflow run; `resumed` is the state of an interrupted one."""
+    # TensorFlow is imported only once the config is known to be good.
+    import keras
+    import mlflow
+
+    from histo_transfer import tracking
+    from histo_transfer.augment import build_augmentation
+    from histo_transfer.checkpoints import EpochCheckpoint, Progress
+    from histo_transfer.data.loading import load_training_data
+    from histo_transfer.data.pipeline import make_dataset, steps_per_epoch
+    from histo_transfer.distribution import make_strategy
+    from histo_transfer.models.classifier import build_classifier
+    from histo_transfer.optim import schedule_callbacks
+    from histo_transfer.training import EPOCH_METRICS, BestEpoch, compile_classifier, configure_precision, fit
+
+    strategy = make_strategy(cfg.trainer)  # first: multi-worker and CPU splitting must precede other TF work
+    if resumed is None:
+        mlflow.log_params(tracking.flat_params(cfg))
+        mlflow.log_text(tracking.config_yaml(cfg), "config/config.yaml")
+        mlflow.log_text(tracking.redact_uri(OmegaConf.to_yaml(overrides)), "config/overrides.yaml")
+        progress = Progress(run_id=run_id, epoch=0)
+    else:
+        progress, folder = resumed
+        log.info("resuming run %s after epoch %d of %d", run_id, progress.epoch, cfg.trainer.epochs)
+        tracking.backfill_epochs(run_id, progress.history, EPOCH_METRICS)
+    mlflow.set_tags({"precision_policy": configure_precision(cfg.trainer.mixed_precision),
+                     "replicas": str(strategy.num_replicas_in_sync)})
+    keras.utils.set_random_seed(cfg.trainer.seed + progress.epoch)
+    data = load_training_data(cfg.data)
+    _log_data(data)
+
+    batch = cfg.trainer.batch_size
+    steps = steps_per_epoch(len(data.train_indices), batch)
+    with strategy.scope():
+        if resumed is None:
+            model, backbone = build_classifier(cfg.backbone, cfg.head)
+            mlflow.set_tag("weights_source", backbone.weights_source)
+            callbacks = compile_classifier(model, cfg.optimizer, cfg.trainer, steps)
+            best = BestEpoch()
+        else:  # weights, optimizer state and schedule position as after the last completed epoch
+            model = keras.models.load_model(folder / "state.keras")
+            callbacks = schedule_callbacks(cfg.optimizer)
+            best = BestEpoch(progress.best_epoch, progress.best_logs, checkpoints.best_weights(folder))
+    augment = build_augmentation(cfg.augmentation, cfg.trainer.seed)
+    train_ds = make_dataset(data.images, data.labels, data.train_indices, batch, shuffle=True, augment=augment,
+                            seed=cfg.trainer.seed, epochs=(progress.epoch, max(cfg.trainer.epochs, progress.epoch)))
+    val_ds = make_dataset(data.images, data.labels, data.val_indices, batch)
+    after_best = (EpochCheckpoint(checkpoints, best, progress), tracking.epoch_metrics_callback(EPOCH_METRICS))
+    result = fit(model, train_ds, val_ds, cfg.trainer, callbacks, steps_per_epoch=steps,
+                 initial_epoch=progress.epoch, best=best, after_best=after_best)
+    if progress.history:  # the whole run's curves, also across an interruption
+        result.history = {k: [epoch[k] for epoch in progress.history] for k in progress.history[0]}
+    if result.best_epoch == 0:  # the untrained model's validation scores, as step 0
+        mlflow.log_metrics(result.best, step=0)
+    mlflow.log_metrics({"best_epoch": result.best_epoch, **{f"best_{k}": v for k, v in result.best.items()}})
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _log_evaluation(model, val_ds, data, result, Path(tmp))
+        _log_model(model, data.images[data.val_indices[:4]], Path(tmp))
+    log.info("run %s finished: best val AUC %.4f at epoch %d", run_id, result.best_val_auc, result.best_epoch)
+    return result
 
 
 def _log_data(data) -> None:

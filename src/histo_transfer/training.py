@@ -40,26 +40,31 @@ def compile_classifier(model: keras.Model, optimizer_cfg, trainer_cfg, steps_per
 
 
 class BestEpoch(keras.callbacks.Callback):
-    """Remembers the weights of the epoch with the highest val_auc and restores them at the end."""
+    """Remembers the weights of the epoch with the highest val_auc and restores them at the end.
 
-    def __init__(self):
+    A resumed run starts it from the interrupted run's best epoch, logs and weights.
+    """
+
+    def __init__(self, best_epoch: int = 0, best_logs: dict[str, float] | None = None, weights: list | None = None):
         super().__init__()
-        self.best_auc = -np.inf
-        self.best_epoch = 0
-        self.best_logs: dict[str, float] = {}
-        self._weights = None
+        self.best_epoch = best_epoch
+        self.best_logs = dict(best_logs or {})
+        self.weights = weights
+
+    @property
+    def best_auc(self) -> float:
+        return self.best_logs.get("val_auc", -np.inf)
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        auc = logs.get("val_auc", -np.inf)
-        if auc > self.best_auc:
-            self.best_auc, self.best_epoch = float(auc), epoch + 1
+        if logs.get("val_auc", -np.inf) > self.best_auc:
+            self.best_epoch = epoch + 1
             self.best_logs = {k: float(v) for k, v in logs.items() if k.startswith("val_")}
-            self._weights = self.model.get_weights()
+            self.weights = self.model.get_weights()
 
     def on_train_end(self, logs=None):
-        if self._weights is not None:
-            self.model.set_weights(self._weights)
+        if self.weights is not None:
+            self.model.set_weights(self.weights)
 
 
 @dataclass
@@ -73,16 +78,21 @@ class FitResult:
         return self.best["val_auc"]
 
 
-def fit(model: keras.Model, train_ds, val_ds, trainer_cfg, callbacks: list) -> FitResult:
-    """Train `trainer_cfg.epochs` epochs (0: only evaluate) and leave the best epoch's weights in `model`."""
+def fit(model: keras.Model, train_ds, val_ds, trainer_cfg, callbacks: list, *, steps_per_epoch: int,
+        initial_epoch: int = 0, best: BestEpoch | None = None, after_best: tuple = ()) -> FitResult:
+    """Train up to `trainer_cfg.epochs` epochs (0: only evaluate) and leave the best epoch's weights in `model`.
+
+    `train_ds` holds the epochs from `initial_epoch` on, back to back (see make_dataset);
+    `after_best` callbacks run after the best epoch is updated (checkpoints, metric logging).
+    """
     if trainer_cfg.epochs == 0:
         scores = {f"val_{k}": float(v) for k, v in model.evaluate(val_ds, return_dict=True, verbose=0).items()}
         return FitResult(0, scores, {k: [v] for k, v in scores.items()})
-    best = BestEpoch()
-    callbacks = [*callbacks, best]
+    best = best or BestEpoch()
+    callbacks = [*callbacks, best, *after_best]
     if trainer_cfg.early_stopping_patience > 0:
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor="val_auc", mode="max", patience=trainer_cfg.early_stopping_patience))
-    history = model.fit(train_ds, validation_data=val_ds, epochs=trainer_cfg.epochs,
-                        callbacks=callbacks, shuffle=False, verbose=2)  # the dataset shuffles itself
+    history = model.fit(train_ds, validation_data=val_ds, epochs=trainer_cfg.epochs, initial_epoch=initial_epoch,
+                        steps_per_epoch=steps_per_epoch, callbacks=callbacks, shuffle=False, verbose=2)
     return FitResult(best.best_epoch, best.best_logs, {k: [float(v) for v in vs] for k, vs in history.history.items()})

@@ -85,7 +85,7 @@ def tune(cfg: DictConfig) -> float:
     """Run (or resume) the keras-tuner search; returns the best trial's val AUC."""
     from histo_transfer.augment import build_augmentation
     from histo_transfer.data.loading import load_training_data
-    from histo_transfer.data.pipeline import make_dataset
+    from histo_transfer.data.pipeline import make_dataset, steps_per_epoch
     from histo_transfer.training import EPOCH_METRICS, configure_precision
 
     experiment_id = tracking.setup(cfg.tracking)
@@ -96,16 +96,20 @@ def tune(cfg: DictConfig) -> float:
         keras.utils.set_random_seed(cfg.trainer.seed)
         data = load_training_data(cfg.data)
         batch = cfg.trainer.batch_size
+        steps = steps_per_epoch(len(data.train_indices), batch)
+        most_epochs = max(cfg.tuner.epochs, cfg.tuner.get("max_epochs", 0))  # Hyperband trains up to max_epochs
         train_ds = make_dataset(data.images, data.labels, data.train_indices, batch, shuffle=True,
-                                augment=build_augmentation(cfg.augmentation, cfg.trainer.seed), seed=cfg.trainer.seed)
+                                augment=build_augmentation(cfg.augmentation, cfg.trainer.seed), seed=cfg.trainer.seed,
+                                epochs=(0, most_epochs))
         val_ds = make_dataset(data.images, data.labels, data.val_indices, batch)
-        hypermodel = ClassifierHyperModel(cfg, -(-len(data.train_indices) // batch))
+        hypermodel = ClassifierHyperModel(cfg, steps)
         tuner = tracked_tuner(cfg, hypermodel, parent_id)
         callbacks = [tracking.epoch_metrics_callback(EPOCH_METRICS)]
         if cfg.trainer.early_stopping_patience > 0:  # the notebook's EarlyStopping(patience=2)
             callbacks.append(keras.callbacks.EarlyStopping(monitor="val_auc", mode="max",
                                                            patience=cfg.trainer.early_stopping_patience))
-        tuner.search(train_ds, validation_data=val_ds, epochs=cfg.tuner.epochs, callbacks=callbacks, verbose=2)
+        tuner.search(train_ds, validation_data=val_ds, epochs=cfg.tuner.epochs, steps_per_epoch=steps,
+                     callbacks=callbacks, verbose=2)
         best_hp = tuner.get_best_hyperparameters(1)[0].values
         best_score = tuner.oracle.get_best_trials(1)[0].score
         # tags, not params: a resumed search may find better values, and MLflow params never change
