@@ -3,6 +3,7 @@ and one tiny model trained once through the real entrypoint for every test that 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -87,6 +88,48 @@ def trained_once(tmp_path_factory):
     runs = mlflow.search_runs(experiment_names=["histo-transfer"], output_format="list")
     assert len(runs) == 1
     return {"run": runs[0], "uri": uri, "tmp": tmp, "overrides": overrides, "cfg": compose_config(overrides)}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def loopback_server(command: list[str], health_url: str, env: dict | None = None, timeout: float = 240):
+    """Start a server in its own process group, wait until `health_url` answers, and on leaving stop
+    the whole group (servers start workers) and check that none of its processes survives."""
+    import signal
+    import time
+    import urllib.request
+
+    # as from an activated environment: MLflow's servers run uvicorn from PATH
+    env = {**os.environ, **(env or {}), "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while True:
+            assert server.poll() is None, server.stdout.read().decode()[-3000:]
+            try:
+                urllib.request.urlopen(health_url, timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, f"{health_url} did not answer in {timeout} s"
+                time.sleep(0.5)
+        yield server
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        deadline = time.time() + 30
+        while live_group_members(server.pid) and time.time() < deadline:
+            time.sleep(0.5)
+        if live_group_members(server.pid):
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+    assert live_group_members(server.pid) == []
 
 
 def live_group_members(group: int) -> list[int]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, TINY_RUN, live_group_members, run_cli, store_overrides
+from conftest import ROOT, TINY_RUN, free_port, loopback_server, run_cli, store_overrides
 
 pytestmark = pytest.mark.slow
 EPOCH_METRICS = ["loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc", "lr"]
@@ -121,67 +120,41 @@ def test_mirrored_training_on_two_logical_cpus_matches_one_device(tmp_path):
     assert two.data.metrics["best_val_auc"] == pytest.approx(one.data.metrics["best_val_auc"], abs=0.15)
 
 
-def test_team_tracking_server_receives_runs_and_sweeps_without_credentials(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    server = subprocess.Popen([str(ROOT / "scripts" / "tracking_server.sh"), str(port),
-                               f"sqlite:///{tmp_path / 'server.db'}", str(tmp_path / "artifacts")],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+def test_team_tracking_server_receives_runs_and_sweeps_without_credentials(tmp_path, monkeypatch):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    command = [str(ROOT / "scripts" / "tracking_server.sh"), str(port), f"sqlite:///{tmp_path / 'server.db'}",
+               str(tmp_path / "artifacts")]
     secret = "s3cr3t-do-not-log"
-    uri = f"http://alice:{secret}@127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            assert server.poll() is None, server.stdout.read().decode()[-3000:]
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                assert time.time() < deadline, "tracking server did not start"
-                time.sleep(0.5)
-        os.environ["AWS_SECRET_ACCESS_KEY"] = secret  # a credential in the environment of the jobs
-        try:
-            common = [*TINY_RUN, "trainer.epochs=1", "tracking=server", f"tracking.uri={uri}",
-                      f"paths.cache_dir={tmp_path / 'cache'}"]
-            single = run_cli(common)
-            sweep = run_cli(["-m", *common, "trainer.seed=1,2"])
-        finally:
-            del os.environ["AWS_SECRET_ACCESS_KEY"]
+    with loopback_server(command, f"{base}/health"):
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)  # a credential in the environment of the jobs
+        common = [*TINY_RUN, "trainer.epochs=1", "tracking=server", f"tracking.uri=http://alice:{secret}@127.0.0.1:{port}",
+                  f"paths.cache_dir={tmp_path / 'cache'}"]
+        single = run_cli(common)
+        sweep = run_cli(["-m", *common, "trainer.seed=1,2"])
         assert single.returncode == 0, single.stderr[-3000:]
         assert sweep.returncode == 0, sweep.stderr[-3000:]
 
         # read everything back over the REST API
-        def rest(path, body):
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/{path}",
-                                             data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-            return json.loads(urllib.request.urlopen(request, timeout=30).read())
-
-        experiment = json.loads(urllib.request.urlopen(
-            f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=histo-transfer").read())
-        runs = rest("runs/search", {"experiment_ids": [experiment["experiment"]["experiment_id"]]})["runs"]
+        experiment = rest(base, "experiments/get-by-name?experiment_name=histo-transfer")["experiment"]
+        runs = rest(base, "runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
         assert len(runs) == 4 and {r["info"]["status"] for r in runs} == {"FINISHED"}
         tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
-        [parent] = [t for t in tags if t.get("kind") == "sweep"]
-        children = [t for t in tags if t.get("mlflow.parentRunId")]
-        assert len(children) == 2
-        mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
-        client = MlflowClient()
-        for run in runs:
-            recorded = json.dumps(run)
+        assert len([t for t in tags if t.get("kind") == "sweep"]) == 1
+        assert len([t for t in tags if t.get("mlflow.parentRunId")]) == 2
+        mlflow.set_tracking_uri(base)
+        for run, run_tags in zip(runs, tags):
             config = ""
-            if "kind" not in {t["key"] for t in run["data"].get("tags", [])}:
+            if "kind" not in run_tags:  # a training run: its artifacts went through the server's proxy
                 config = mlflow.artifacts.load_text(run["info"]["artifact_uri"] + "/config/config.yaml")
-                assert "model/model.keras" in artifact_paths(client, run["info"]["run_id"])  # proxied artifacts
-            assert secret not in recorded and secret not in config
-        assert (tmp_path / "artifacts").is_dir()
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        deadline = time.time() + 30
-        while live_group_members(server.pid) and time.time() < deadline:
-            time.sleep(0.5)
-        if live_group_members(server.pid):
-            os.killpg(server.pid, signal.SIGKILL)
-        server.wait(timeout=30)
-    assert live_group_members(server.pid) == []
+                assert "model/model.keras" in artifact_paths(MlflowClient(), run["info"]["run_id"])
+            assert secret not in json.dumps(run) and secret not in config
+    assert (tmp_path / "artifacts").is_dir()
+
+
+def rest(base: str, path: str, body: dict | None = None) -> dict:
+    """One call of MLflow's REST API (GET without a body, POST with one)."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"{base}/api/2.0/mlflow/{path}", data=data,
+                                     headers={"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(request, timeout=30).read())

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import CONF_DIR, live_group_members, run_cli
+from conftest import CONF_DIR, free_port, loopback_server, run_cli
 from histo_transfer.data.images import read_patches
 from histo_transfer.data.layout import read_labelled, test_ids as list_test_ids
 from histo_transfer.errors import ConfigError, UserError
@@ -141,49 +141,19 @@ def test_model_with_arbitrary_code_is_refused(tmp_path):
 def test_mlflow_model_serving_answers_like_the_model(trained):
     """`mlflow models serve --env-manager local` on a loopback port, posting real patches."""
     import json
-    import os
-    import signal
-    import socket
-    import subprocess
     import sys
-    import time
     import urllib.request
 
     [logged] = mlflow.search_logged_models(experiment_ids=[trained["run"].info.experiment_id],
                                            filter_string=f"source_run_id = '{trained['run_id']}'", output_format="list")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    # as from an activated environment: the server runs `uvicorn` from PATH
-    bin_dir = os.path.dirname(sys.executable)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": trained["uri"], "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", logged.model_uri, "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)  # its own group
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 240
-        while True:
-            assert server.poll() is None, server.stdout.read().decode()[-3000:]
-            try:
-                if urllib.request.urlopen(f"{url}/ping", timeout=2).status == 200:
-                    break
-            except OSError:
-                assert time.time() < deadline, "server did not answer /ping in 240 s"
-                time.sleep(1)
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", logged.model_uri, "--env-manager", "local",
+               "-h", "127.0.0.1", "-p", str(port)]
+    with loopback_server(command, f"{url}/ping", env={"MLFLOW_TRACKING_URI": trained["uri"]}):
         _, images = _test_images(trained["root"])
         body = json.dumps({"inputs": images.astype(np.float32).tolist()}).encode()
         request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
         answer = json.loads(urllib.request.urlopen(request, timeout=120).read())
-        served = np.asarray(answer["predictions"], dtype=np.float32).reshape(-1)
-        assert np.allclose(served, trained["model"].predict(images, verbose=0)[:, 0], atol=1e-5)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        deadline = time.time() + 30
-        while live_group_members(server.pid) and time.time() < deadline:
-            time.sleep(0.5)
-        if live_group_members(server.pid):
-            os.killpg(server.pid, signal.SIGKILL)
-        server.wait(timeout=30)
-    assert live_group_members(server.pid) == []  # no worker of the server survives
+    served = np.asarray(answer["predictions"], dtype=np.float32).reshape(-1)
+    assert np.allclose(served, trained["model"].predict(images, verbose=0)[:, 0], atol=1e-5)

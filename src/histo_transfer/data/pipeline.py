@@ -1,4 +1,4 @@
-"""tf.data pipeline over an indexable image array (in memory or memory-mapped)."""
+"""tf.data pipeline over the packed cache (memory-mapped) or an image array in memory."""
 
 from __future__ import annotations
 
@@ -7,42 +7,63 @@ import tensorflow as tf
 
 from histo_transfer import IMAGE_SHAPE
 
+RECORD_BYTES = int(np.prod(IMAGE_SHAPE))
+
+
+SHUFFLE_BUFFER = 8192  # patches (about 230 MB): sources list patches in random id order already
+READ_CHUNK = 256  # records decoded per step
+
 
 def make_dataset(images, labels: np.ndarray, indices: np.ndarray, batch_size: int, *,
                  shuffle: bool = False, augment=None, seed: int = 0, epochs: tuple[int, int] = (0, 1)) -> tf.data.Dataset:
-    """Batches of (RGB 0-255 images, float32 (B, 1) labels); augmentation runs on whole batches.
+    """Batches of (RGB 0-255 uint8 images, float32 (B, 1) labels) of the patches `indices`.
 
-    With `shuffle`, the dataset holds the epochs `epochs[0]` up to `epochs[1]` back to back (fit it
-    with steps_per_epoch = steps_per_epoch(len(indices), batch_size)); epoch e's order and
-    augmentations depend only on (seed, e), so a run resumed at epoch e sees what it would have seen.
-    Images stay uint8 unless an augmentation needs floats: a quarter of the bytes to move, and the
-    model casts them on its own device.
+    A memory-mapped cache is read by TensorFlow itself, record by record, never through Python: a
+    Python step inside tf.data (numpy_function) can deadlock when Keras drops an iterator while that
+    step waits for the GIL. Unshuffled batches come in index order. With `shuffle`, the dataset holds
+    the epochs `epochs[0]` up to `epochs[1]` back to back (fit with steps_per_epoch); epoch e's order
+    and augmentations depend only on (seed, e), so a resumed run sees what it would have seen.
+    The model casts the uint8 images itself, on its own device.
     """
+    wanted = np.zeros(len(labels), dtype=bool)
+    wanted[np.asarray(indices, dtype=np.int64)] = True
+    wanted_t, labels_t = tf.constant(wanted), tf.constant(np.asarray(labels, np.float32))
 
-    def gather(batch_indices):
-        return images[batch_indices], labels[batch_indices].astype(np.float32)[:, None]
+    def patches() -> tf.data.Dataset:
+        """(index, image) of the wanted patches, in index order."""
+        if isinstance(images, np.memmap):
+            records = tf.data.FixedLengthRecordDataset(str(images.filename), RECORD_BYTES, header_bytes=images.offset,
+                                                       buffer_size=1 << 22)
 
-    def load(batch_indices):
-        x, y = tf.numpy_function(gather, [batch_indices], (tf.uint8, tf.float32))
-        return tf.ensure_shape(x, (None, *IMAGE_SHAPE)), tf.ensure_shape(y, (None, 1))
+            def decode(chunk_number, raw):  # a chunk of records at a time: per-patch steps are what cost
+                block = tf.reshape(tf.io.decode_raw(raw, tf.uint8), (-1, *IMAGE_SHAPE))
+                index = chunk_number * READ_CHUNK + tf.range(tf.shape(block)[0], dtype=tf.int64)
+                keep = tf.gather(wanted_t, index)
+                return tf.boolean_mask(index, keep), tf.boolean_mask(block, keep)
 
-    ordered = tf.constant(np.asarray(indices, dtype=np.int64))
+            chunks = records.batch(READ_CHUNK).enumerate().map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+            return chunks.unbatch()
+        order = np.flatnonzero(wanted)  # an array in memory (tests, small sets)
+        return tf.data.Dataset.from_tensor_slices((order, np.asarray(images)[order]))
+
+    def labelled(index, image):
+        return image, tf.gather(labels_t, index)[:, None]
+
     if not shuffle:
-        return tf.data.Dataset.from_tensor_slices(ordered).batch(batch_size).map(
-            load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+        return patches().batch(batch_size).map(labelled).prefetch(tf.data.AUTOTUNE)
 
     def one_epoch(epoch):
-        order = tf.random.experimental.stateless_shuffle(ordered, seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
-        batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size).enumerate()
+        shuffled = patches().shuffle(min(SHUFFLE_BUFFER, int(wanted.sum())), seed=seed * 1_000_003 + epoch)
+        batches = shuffled.batch(batch_size).map(labelled).enumerate()
         # a stateless seed pair per batch for the augmentation: (seed + epoch, batch number)
         return batches.map(lambda number, batch: (batch, tf.stack([seed + epoch, number])))
 
-    def load_and_augment(batch_indices, pair):
-        x, y = load(batch_indices)
+    def augmented(batch, pair):
+        x, y = batch
         return (augment(x, pair) if augment is not None else x), y
 
     dataset = tf.data.Dataset.range(*epochs).flat_map(one_epoch)
-    return dataset.map(load_and_augment, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    return dataset.map(augmented, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 def steps_per_epoch(count: int, batch_size: int) -> int:
