@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 from histo_transfer.config import validate
 from histo_transfer.errors import UserError
 
+
 def run(task: str, config_dir: Path, config_name: str = "config") -> None:
     """Run `task` ("module:function") under Hydra, after checking every config the command line asks for."""
     from hydra._internal.utils import get_args_parser

@@ -52,17 +52,21 @@ def make_dataset(images, labels: np.ndarray, indices: np.ndarray, batch_size: in
     if not shuffle:
         return patches().batch(batch_size).map(labelled).prefetch(tf.data.AUTOTUNE)
 
-    def one_epoch(epoch):
+    def one_epoch(epoch: int) -> tf.data.Dataset:
+        # Python-int seeds: TensorFlow's op seeds must not be tensors when no global seed is set
         shuffled = patches().shuffle(min(SHUFFLE_BUFFER, int(wanted.sum())), seed=seed * 1_000_003 + epoch)
         batches = shuffled.batch(batch_size).map(labelled).enumerate()
         # a stateless seed pair per batch for the augmentation: (seed + epoch, batch number)
-        return batches.map(lambda number, batch: (batch, tf.stack([seed + epoch, number])))
+        first = tf.constant(seed + epoch, tf.int64)
+        return batches.map(lambda number, batch: (batch, tf.stack([first, number])))
 
     def augmented(batch, pair):
         x, y = batch
         return (augment(x, pair) if augment is not None else x), y
 
-    dataset = tf.data.Dataset.range(*epochs).flat_map(one_epoch)
+    dataset = one_epoch(epochs[0]).take(0)  # empty when a resumed run has no epoch left
+    for epoch in range(*epochs):
+        dataset = dataset.concatenate(one_epoch(epoch))
     return dataset.map(augmented, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
