@@ -114,7 +114,7 @@ def run_benchmarks(layout: Path, work: Path, args) -> list[tuple[str, int, float
     compile_classifier(model, cfg.optimizer, cfg.trainer, steps_per_epoch=len(data.train_indices) // args.batch_size)
     batch = next(iter(dataset))
     in_memory = tf.data.Dataset.from_tensors(batch).repeat()
-    timer = EpochTimer()
+    timer = epoch_timer()
     model.fit(in_memory, steps_per_epoch=args.compute_steps, epochs=2, callbacks=[timer], verbose=0)
     rows.append(("(d) training steps on an in-memory batch (compute only)", args.compute_steps * args.batch_size,
                  timer.seconds[-1], f"{cfg.backbone.name} at {args.input_size} px, after warm-up"))
@@ -149,22 +149,17 @@ def notebook_loader(layout: Path, args) -> tuple[str, int, float, str]:
             "reads and decodes every TIFF every epoch")
 
 
-class EpochTimer:
-    """Wall time of each epoch (a plain object so this module imports without Keras)."""
+def epoch_timer():
+    """A Keras callback collecting each epoch's wall time in its `seconds` list."""
+    import keras
 
-    def __new__(cls):
-        import keras
-
-        class Timer(keras.callbacks.Callback):
-            seconds: list[float] = []
-
-            def on_epoch_begin(self, epoch, logs=None):
-                self.started = time.perf_counter()
-
-            def on_epoch_end(self, epoch, logs=None):
-                self.seconds.append(time.perf_counter() - self.started)
-
-        return Timer()
+    seconds: list[float] = []
+    started = [0.0]
+    timer = keras.callbacks.LambdaCallback(
+        on_epoch_begin=lambda epoch, logs: started.__setitem__(0, time.perf_counter()),
+        on_epoch_end=lambda epoch, logs: seconds.append(time.perf_counter() - started[0]))
+    timer.seconds = seconds
+    return timer
 
 
 def print_table(rows, args) -> None:

@@ -73,3 +73,15 @@ def test_broken_gzip_names_the_file(tmp_path):
     with pytest.raises(DataError, match="camelyonpatch_level_2_split_valid_x.h5.gz: broken gzip file"):
         load_training_data(cfg.data)
     assert not list((tmp_path / "cache" / "packed").glob("pcam-*"))  # no cache from a failed build
+
+
+def test_official_test_split_is_the_test_set(tmp_path):
+    from histo_transfer.data.loading import test_patches
+
+    arrays = write_pcam(tmp_path / "pcam", gzipped=("test",))
+    cfg = compose_config(["data=pcam_h5", f"data.root={tmp_path / 'pcam'}", *store_overrides(tmp_path)])
+    test = test_patches(cfg.data)
+    assert np.array_equal(test.images, arrays["test"][0])
+    assert np.array_equal(test.labels, arrays["test"][1].reshape(-1))
+    (tmp_path / "pcam" / "camelyonpatch_level_2_split_test_x.h5.gz").unlink()
+    assert test_patches(cfg.data) is None

@@ -36,9 +36,6 @@ def predict(cfg: DictConfig) -> Path:
     import mlflow
 
     from histo_transfer import tracking
-    from histo_transfer.data import pcam_h5
-    from histo_transfer.data.cache import cache_folder, packed
-    from histo_transfer.data.layout import files_fingerprint
     from histo_transfer.data.loading import data_root, test_patches
     from histo_transfer.inference import predict_probabilities, submission_frame, write_submission
     from histo_transfer.registry import load_model
@@ -46,16 +43,9 @@ def predict(cfg: DictConfig) -> Path:
     experiment_id = tracking.setup(cfg.tracking)
     loaded = load_model(cfg.model)
     root = data_root(cfg.data)
-    if cfg.data.name == "pcam_h5":
-        if not pcam_h5.split_file(root, "test", "x"):
-            raise ConfigError("data.root", f"{root} has no camelyonpatch_level_2_split_test_x.h5[.gz] to predict")
-        key = files_fingerprint(pcam_h5.source_files(root, ["test"]))
-        patches = packed(cache_folder(cfg.data.cache_dir, "pcam-test", key), pcam_h5.H5Splits(root, ["test"]),
-                         cfg.data.workers)
-    else:
-        patches = test_patches(cfg.data)
-        if patches is None:
-            raise ConfigError("data.root", f"{root} has no test/ folder of patches to predict")
+    patches = test_patches(cfg.data)
+    if patches is None:
+        raise ConfigError("data.root", f"{root} has no test patches to predict (test/ folder, or PCam's test split)")
     patches.usable("error")  # every test patch must be scored
     expected = _sample_submission_ids(root)
     tags = {"kind": "predict", "model_ref": str(cfg.model), "tta": cfg.tta, "data_root": str(root)}
@@ -80,10 +70,7 @@ def evaluate_model(cfg: DictConfig) -> dict[str, float]:
     import mlflow
 
     from histo_transfer import tracking
-    from histo_transfer.data import pcam_h5
-    from histo_transfer.data.cache import cache_folder, packed
-    from histo_transfer.data.layout import files_fingerprint
-    from histo_transfer.data.loading import data_root, labelled_patches, load_training_data
+    from histo_transfer.data.loading import data_root, labelled_patches, load_training_data, test_patches
     from histo_transfer.evaluation import evaluate, summary_text
     from histo_transfer.inference import predict_probabilities
     from histo_transfer.registry import load_model
@@ -94,10 +81,9 @@ def evaluate_model(cfg: DictConfig) -> dict[str, float]:
     if split == "test":
         if cfg.data.name != "pcam_h5":
             raise ConfigError("split", "split=test needs data=pcam_h5 (Kaggle's test/ has no labels)")
-        root = data_root(cfg.data)
-        key = files_fingerprint(pcam_h5.source_files(root, ["test"]))
-        patches = packed(cache_folder(cfg.data.cache_dir, "pcam-test", key), pcam_h5.H5Splits(root, ["test"]),
-                         cfg.data.workers)
+        root, patches = data_root(cfg.data), test_patches(cfg.data)
+        if patches is None:
+            raise ConfigError("data.root", f"{root} has no camelyonpatch_level_2_split_test_x.h5[.gz]")
         indices = patches.usable(cfg.data.on_bad_image)
     elif split == "val":
         data = load_training_data(cfg.data)

@@ -81,8 +81,15 @@ def load_training_data(data_cfg) -> TrainingData:
 
 
 def test_patches(data_cfg) -> PackedPatches | None:
-    """The unlabelled test/ patches of a Kaggle layout, packed; None when there is no test/ folder."""
+    """The test patches, packed: a Kaggle layout's unlabelled test/ folder, or PCam's labelled
+    official test split; None when the source has none."""
     root = data_root(data_cfg)
+    if data_cfg.name == "pcam_h5":
+        if not pcam_h5.split_file(root, "test", "x"):
+            return None
+        key = files_fingerprint(pcam_h5.source_files(root, ["test"]))
+        return packed(cache_folder(data_cfg.cache_dir, "pcam-test", key), pcam_h5.H5Splits(root, ["test"]),
+                      data_cfg.workers)
     ids = test_ids(root)
     if not ids:
         return None
@@ -105,8 +112,7 @@ def prepare(cfg) -> None:
     if len(usable) < len(patches.ids):
         print(f"  {len(patches.ids) - len(usable)} bad images left out (data.on_bad_image=skip):\n"
               + "".join(f"    {line}\n" for line in patches.bad_report().splitlines()))
-    if cfg.data.name != "pcam_h5":
-        test = test_patches(cfg.data)
-        if test is not None:
-            test.usable("error")  # every test patch must be scored
-            print(f"  test/: {len(test.ids)} patches, cache: {test.folder}")
+    test = test_patches(cfg.data)
+    if test is not None:
+        test.usable("error")  # every test patch must be scored
+        print(f"  test: {len(test.ids)} patches, cache: {test.folder}")
