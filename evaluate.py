@@ -12,4 +12,4 @@ os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 if __name__ == "__main__":
     from histo_transfer.cli import run
 
-    run("histo_transfer.scoring:evaluate_model", ROOT / "conf", config_name="evaluate")
+    run("histo_transfer.scoring:evaluate", ROOT / "conf", config_name="evaluate")

@@ -12,4 +12,4 @@ os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 if __name__ == "__main__":
     from histo_transfer.cli import run
 
-    run("histo_transfer.train:train", ROOT / "conf")
+    run("histo_transfer.training_run:train", ROOT / "conf")

@@ -96,8 +96,7 @@ def run_benchmarks(layout: Path, work: Path, args) -> list[tuple[str, int, float
 
     from histo_transfer.augment import build_augmentation
     from histo_transfer.data.pipeline import make_dataset
-    from histo_transfer.models.classifier import build_classifier
-    from histo_transfer.training import compile_classifier
+    from histo_transfer.session import TrainingSession
 
     augment = build_augmentation(cfg.augmentation, 0)
     dataset = make_dataset(data.images, data.labels, data.train_indices, args.batch_size,
@@ -110,8 +109,7 @@ def run_benchmarks(layout: Path, work: Path, args) -> list[tuple[str, int, float
                  "one pass over the training split"))
 
     keras.utils.set_random_seed(0)
-    model, _ = build_classifier(cfg.backbone, cfg.head)
-    compile_classifier(model, cfg.optimizer, cfg.trainer, steps_per_epoch=len(data.train_indices) // args.batch_size)
+    model, _, _ = TrainingSession(cfg, data).build_model()
     batch = next(iter(dataset))
     in_memory = tf.data.Dataset.from_tensors(batch).repeat()
     timer = epoch_timer()

@@ -29,8 +29,31 @@ TINY_RUN = [*TINY_MODEL, "data.n_train=160", "data.n_test=8"]
 
 
 def store_overrides(tmp: Path) -> list[str]:
-    """Point data cache and MLflow store into `tmp`, away from the developer's own."""
-    return [f"paths.cache_dir={tmp / 'cache'}", f"tracking.uri=sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"]
+    """Point data cache, MLflow store and run outputs (Hydra folders, checkpoints) into `tmp`."""
+    return [f"paths.cache_dir={tmp / 'cache'}", f"tracking.uri=sqlite:///{tmp / 'mlruns' / 'mlflow.db'}",
+            f"paths.output_dir={tmp}"]
+
+
+def _checkout_state() -> set[str]:
+    """What `git status --ignored` lists, less Python's and pytest's own caches."""
+    listed = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.splitlines()
+    return {line for line in listed if "__pycache__" not in line and ".pytest_cache" not in line}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_stays_clean(tmp_path_factory):
+    """The suite writes only into temporary folders: afterwards the checkout holds nothing new.
+
+    Runs that a test does not point elsewhere put their outputs and caches under a session folder.
+    """
+    before = _checkout_state()
+    defaults = tmp_path_factory.mktemp("defaults")
+    os.environ["HISTO_TRANSFER_OUTPUT_DIR"] = str(defaults / "outputs")
+    os.environ["HISTO_TRANSFER_CACHE"] = str(defaults / "cache")
+    yield
+    new = sorted(_checkout_state() - before)
+    assert not new, f"the tests left files in the checkout: {new[:10]}"
 
 
 def compose_config(overrides: list[str]):

@@ -8,7 +8,7 @@ from PIL import Image
 
 from conftest import PCAM_SAMPLE, write_kaggle_layout
 from histo_transfer.data.images import read_patch, read_patches
-from histo_transfer.data.layout import fingerprint, read_labelled, test_ids as list_test_ids
+from histo_transfer.data.kaggle import fingerprint, read_labelled, unlabelled_ids
 from histo_transfer.data.split import split_indices
 from histo_transfer.data.synthetic import COMPLETE_MARKER, ensure_synthetic
 from histo_transfer.errors import ConfigError, DataError
@@ -21,7 +21,7 @@ def synthetic_root(tmp_path_factory):
 
 def test_synthetic_data_is_a_kaggle_layout_with_a_centre_signal(synthetic_root):
     patches = read_labelled(synthetic_root)
-    assert len(patches.ids) == 200 and len(list_test_ids(synthetic_root)) == 10
+    assert len(patches.ids) == 200 and len(unlabelled_ids(synthetic_root)) == 10
     assert 0.3 < patches.labels.mean() < 0.5  # about Kaggle's 40 % positives
     images = read_patches(patches.paths()).astype(float)
     centre = images[:, 32:64, 32:64].mean(axis=(1, 2, 3))
@@ -133,6 +133,6 @@ def test_split_too_small_is_a_config_error():
 def test_real_pcam_sample_reads_as_kaggle_layout():
     patches = read_labelled(PCAM_SAMPLE)  # CRLF line endings, no test/ folder
     assert len(patches.ids) == 2000 and patches.labels.sum() == 1000
-    assert list_test_ids(PCAM_SAMPLE) == []
+    assert unlabelled_ids(PCAM_SAMPLE) == []
     images = read_patches(patches.paths()[:50])
     assert images.shape == (50, 96, 96, 3) and images.dtype == np.uint8

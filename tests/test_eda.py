@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import compose_config, store_overrides, write_kaggle_layout
 from histo_transfer.data.images import read_patches
-from histo_transfer.data.layout import read_labelled
+from histo_transfer.data.kaggle import read_labelled
 from histo_transfer.eda import eda
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from histo_transfer.evaluation import bootstrap_auc_ci, calibration, evaluate, summary_text, threshold_metrics
+from histo_transfer.evaluation import bootstrap_auc_ci, calibration, summary_text, threshold_metrics, write_report
 
 LABELS = np.array([0, 0, 0, 0, 1, 1, 1, 1])
 PROBS = np.array([0.1, 0.2, 0.3, 0.8, 0.4, 0.6, 0.7, 0.9])
@@ -25,7 +25,7 @@ def test_calibration_ece_and_brier_by_hand():
     ece, brier, table = calibration(labels, probs)
     # two bins, each: confidence 0.05 or 0.95, observed 0.5 -> |gap| 0.45, weight 1/2 each
     assert ece == pytest.approx(0.45) and brier == pytest.approx((0.05**2 + 0.95**2 + 0.05**2 + 0.95**2) / 4)
-    assert [row[2] for row in table] == [2, 2]
+    assert [(row[0], row[1]) for row in table] == [(0.05, 2), (0.95, 2)]  # bin centre, patches
 
 
 def test_bootstrap_interval_brackets_the_auc():
@@ -38,10 +38,12 @@ def test_bootstrap_interval_brackets_the_auc():
 
 def test_report_writes_every_figure_and_table(tmp_path):
     images = np.zeros((8, 96, 96, 3), np.uint8)
-    metrics = evaluate(LABELS, PROBS, images, tmp_path)
+    metrics = write_report(LABELS, PROBS, images, tmp_path)
     assert metrics["auc"] == pytest.approx(roc_auc_score(LABELS, PROBS))
     assert metrics["accuracy_at_0.5"] == 0.75
     assert metrics["accuracy_at_youden"] >= metrics["accuracy_at_0.5"]  # Youden maximises tpr - fpr
+    # average precision by hand: positives at ranks 1, 3, 4, 5 -> precisions 1, 2/3, 3/4, 4/5
+    assert metrics["average_precision"] == pytest.approx((1 + 2 / 3 + 3 / 4 + 4 / 5) / 4)
     assert {p.name for p in tmp_path.iterdir()} == {
         "roc.png", "pr.png", "confusion.png", "reliability.png", "confident_errors.png",
         "confusion.json", "metrics.json", "roc_curve.csv"}
@@ -52,4 +54,4 @@ def test_report_writes_every_figure_and_table(tmp_path):
 
 def test_one_label_only_is_refused(tmp_path):
     with pytest.raises(ValueError, match="both labels"):
-        evaluate(np.zeros(4), np.full(4, 0.3), None, tmp_path)
+        write_report(np.zeros(4), np.full(4, 0.3), None, tmp_path)

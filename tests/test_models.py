@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from histo_transfer.errors import ConfigError
 from histo_transfer.models.classifier import build_classifier
-from histo_transfer.training import configure_precision
+from histo_transfer.session import configure_precision
 
 HEAD = OmegaConf.create({"dropout": 0.2, "units": 64, "bn_momentum": 0.99})
 
@@ -112,12 +112,23 @@ def test_mixed_precision_is_skipped_on_cpu(caplog):
     assert keras.mixed_precision.global_policy().name == "float32"
 
 
-def test_mixed_float16_keeps_the_output_in_float32():
-    keras.mixed_precision.set_global_policy("mixed_float16")
+def test_mixed_precision_on_a_gpu_trains_in_float16_with_a_float32_output(monkeypatch):
+    """The GPU branch, on a CPU: the policy, loss scaling and a real training step in mixed_float16."""
+    import tensorflow as tf
+
+    real = tf.config.list_physical_devices
+    monkeypatch.setattr(tf.config, "list_physical_devices",
+                        lambda kind=None: ["GPU:0"] if kind == "GPU" else real(kind))
     try:
+        assert configure_precision(True) == "mixed_float16"
         model, _ = build_classifier(backbone_cfg(), HEAD)
-        output = model(np.zeros((2, 96, 96, 3), np.float32))
+        model.compile(optimizer="adam", loss=keras.losses.BinaryCrossentropy(label_smoothing=0.1))
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
         assert model.get_layer(index=-2).compute_dtype == "float16"
-        assert output.dtype == "float32"
+        patches = np.random.default_rng(0).integers(0, 256, (8, 96, 96, 3), dtype=np.uint8)
+        loss = model.train_on_batch(patches, np.array([[0], [1]] * 4, np.float32))
+        assert np.isfinite(loss)
+        output = model(patches)
+        assert output.dtype == "float32" and ((0 <= output) & (output <= 1)).numpy().all()
     finally:
         keras.mixed_precision.set_global_policy("float32")

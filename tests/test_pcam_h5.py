@@ -76,12 +76,12 @@ def test_broken_gzip_names_the_file(tmp_path):
 
 
 def test_official_test_split_is_the_test_set(tmp_path):
-    from histo_transfer.data.loading import test_patches
+    from histo_transfer.data.sources import data_source
 
     arrays = write_pcam(tmp_path / "pcam", gzipped=("test",))
     cfg = compose_config(["data=pcam_h5", f"data.root={tmp_path / 'pcam'}", *store_overrides(tmp_path)])
-    test = test_patches(cfg.data)
+    test = data_source(cfg.data).holdout()
     assert np.array_equal(test.images, arrays["test"][0])
     assert np.array_equal(test.labels, arrays["test"][1].reshape(-1))
     (tmp_path / "pcam" / "camelyonpatch_level_2_split_test_x.h5.gz").unlink()
-    assert test_patches(cfg.data) is None
+    assert data_source(cfg.data).holdout() is None

@@ -6,7 +6,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import MOBILENET_V1_WEIGHTS, PCAM_SAMPLE, compose_config, store_overrides
-from histo_transfer.train import train
+from histo_transfer.training_run import train
 
 pytestmark = [
     pytest.mark.slow,

@@ -11,11 +11,11 @@ from mlflow.tracking import MlflowClient
 
 from conftest import CONF_DIR, free_port, loopback_server, run_cli
 from histo_transfer.data.images import read_patches
-from histo_transfer.data.layout import read_labelled, test_ids as list_test_ids
+from histo_transfer.data.kaggle import read_labelled, unlabelled_ids
 from histo_transfer.errors import ConfigError, UserError
 from histo_transfer.inference import SubmissionError, predict_probabilities, submission_frame
 from histo_transfer.registry import load_model, register
-from histo_transfer.scoring import evaluate_model, predict
+from histo_transfer.scoring import evaluate, predict
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ def trained(trained_run):
 
 
 def _test_images(root):
-    ids = list_test_ids(root)
+    ids = unlabelled_ids(root)
     return ids, read_patches([root / "test" / f"{i}.tif" for i in ids])
 
 
@@ -95,7 +95,7 @@ def test_bad_submissions_are_refused(ids, labels, message):
 
 
 def test_evaluate_reports_on_a_labelled_folder(trained):
-    metrics = evaluate_model(scoring_config(trained, "evaluate", f"model={trained['run_id']}", "tta=flips"))
+    metrics = evaluate(scoring_config(trained, "evaluate", f"model={trained['run_id']}", "tta=flips"))
     client = MlflowClient(trained["uri"])
     [run] = client.search_runs(["1"], "tags.kind = 'evaluate'", max_results=1)
     assert run.info.status == "FINISHED" and run.data.tags["eval_split"] == "all"

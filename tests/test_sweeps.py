@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import CONF_DIR, TINY_RUN, compose_config, run_cli, store_overrides
-from histo_transfer.train import train
+from histo_transfer.training_run import train
 
 pytestmark = pytest.mark.slow
 TINY_SWEEP = [o for o in TINY_RUN if not o.startswith("trainer.epochs")] + ["trainer.epochs=1"]
@@ -41,7 +41,7 @@ def test_grid_sweep_is_one_parent_with_nested_jobs_and_a_summary(tmp_path):
     assert {(c.data.params["optimizer.lr"], c.data.params["augmentation.name"]) for c in children} == {
         ("0.001", "none"), ("0.001", "basic"), ("0.01", "none"), ("0.01", "basic")}
     assert "optimizer.lr=0.001,0.01" in parent.data.tags["sweep_overrides"]
-    assert parent.data.tags["sweep_dir"].startswith(str(CONF_DIR.parent / "multirun"))
+    assert parent.data.tags["sweep_dir"].startswith(str(tmp_path / "multirun"))  # paths.output_dir
     table = summary(client, parent)
     assert len(table) == 4 and table["best"].sum() == 1
     best = max(children, key=lambda c: c.data.metrics["best_val_auc"])
@@ -108,22 +108,22 @@ def test_keras_tuner_search_nests_trials_and_resumes(tmp_path):
     assert best == pytest.approx(max(c.data.metrics["best_val_auc"] for c in children))
     top = max(c.data.metrics["best_val_auc"] for c in children)
     best_rates = {float(c.data.params["hp.lr"]) for c in children if c.data.metrics["best_val_auc"] == pytest.approx(top)}
-    assert any(float(parent.data.tags["best.lr"]) == pytest.approx(rate) for rate in best_rates)  # ties allowed
+    assert any(float(parent.data.tags["best.hp.lr"]) == pytest.approx(rate) for rate in best_rates)  # ties allowed
     # resume with a larger budget: the two finished trials are kept, one more runs, same parent
     train(compose_config([*overrides[:-2], "tuner.max_trials=3", f"tuner.directory={tmp_path / 'kt'}"]))
     client, parent_again, children = sweep_runs(tmp_path)
     assert parent_again.info.run_id == parent.info.run_id and len(children) == 3
 
 
-def test_launcher_configs_for_slurm_and_ray_compose():
+def test_launcher_configs_compose_against_their_plugins():
+    """Composing checks each key against the plugin's own schema; the launcher classes must import."""
     from hydra import compose, initialize_config_dir
+    from hydra.utils import get_class
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         slurm = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
-        ray = compose("config", overrides=["hydra/launcher=ray"], return_hydra_config=True)
         parallel = compose("config", overrides=["hydra/launcher=parallel"], return_hydra_config=True)
-    assert slurm.hydra.launcher._target_.endswith("submitit_launcher.SlurmLauncher")
-    assert (slurm.hydra.launcher.gpus_per_node, slurm.hydra.launcher.timeout_min) == (1, 240)
-    assert ray.hydra.launcher._target_ == "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher"
-    assert ray.hydra.launcher.ray.remote.num_gpus == 1
-    assert parallel.hydra.launcher.n_jobs == 4
+        ray = compose("config", overrides=["hydra/launcher=ray"], return_hydra_config=True)
+    assert get_class(slurm.hydra.launcher._target_).__name__ == "SlurmLauncher"
+    assert get_class(parallel.hydra.launcher._target_).__name__ == "JoblibLauncher"
+    assert ray.hydra.launcher._target_.endswith("RayLauncher")  # hydra-ray-launcher is an optional extra

@@ -39,19 +39,37 @@ class Progress:
     history: list[dict[str, float]] = field(default_factory=list)  # one entry per completed epoch, lr included
 
 
+@dataclass
+class ResumeState:
+    """What an interrupted run left: its progress and the folder of its last completed epoch."""
+
+    progress: Progress
+    folder: Path
+
+    def model(self) -> keras.Model:
+        """Weights, optimizer state and schedule position as after the last completed epoch."""
+        return keras.models.load_model(self.folder / MODEL_FILE)
+
+    def best_weights(self) -> list | None:
+        path = self.folder / BEST_FILE
+        if not path.exists():
+            return None
+        with np.load(path) as stored:
+            return [stored[f"arr_{i}"] for i in range(len(stored.files))]
+
+
 class Checkpoints:
     """The state folders of one run: <checkpoint_dir>/<run key>/epoch_NNNN/."""
 
     def __init__(self, checkpoint_dir: str | Path, key: str):
         self.folder = Path(checkpoint_dir).expanduser().resolve() / key
 
-    def latest(self) -> tuple[Progress, Path] | None:
-        """The last complete epoch's progress and folder, if any."""
+    def latest(self) -> ResumeState | None:
+        """The state of the last complete epoch, if any."""
         complete = sorted(p for p in self.folder.glob("epoch_*") if (p / PROGRESS_FILE).exists())
         if not complete:
             return None
-        progress = Progress(**json.loads((complete[-1] / PROGRESS_FILE).read_text()))
-        return progress, complete[-1]
+        return ResumeState(Progress(**json.loads((complete[-1] / PROGRESS_FILE).read_text())), complete[-1])
 
     def save(self, model: keras.Model, best_weights: list | None, progress: Progress) -> None:
         final = self.folder / f"epoch_{progress.epoch:04d}"
@@ -67,14 +85,6 @@ class Checkpoints:
         for older in self.folder.glob("epoch_*"):
             if older != final:
                 shutil.rmtree(older, ignore_errors=True)
-
-    @staticmethod
-    def best_weights(folder: Path) -> list | None:
-        path = folder / BEST_FILE
-        if not path.exists():
-            return None
-        with np.load(path) as stored:
-            return [stored[f"arr_{i}"] for i in range(len(stored.files))]
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

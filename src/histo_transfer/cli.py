@@ -1,36 +1,68 @@
-"""Hydra entrypoints that fail on user mistakes with one line and exit status 2, before TensorFlow loads."""
+"""Hydra entrypoints that fail on user mistakes with one line and exit status 2, before TensorFlow loads.
+
+This is the only layer that reads how a task was started (Hydra's job config, the sweep's
+environment, the command line); the task gets it as an explicit RunContext.
+"""
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
 import hydra
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
+from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from histo_transfer.config import validate
+from histo_transfer.context import RunContext
 from histo_transfer.errors import UserError
+from histo_transfer.sweep import PARENT_RUN_ENV
 
 
 def run(task: str, config_dir: Path, config_name: str = "config") -> None:
-    """Run `task` ("module:function") under Hydra, after checking every config the command line asks for."""
-    from hydra._internal.utils import get_args_parser
-
-    args = get_args_parser().parse_args()
-    if not (args.help or args.hydra_help or args.info or args.cfg or args.shell_completion):
+    """Run `task` ("module:function", called with the config and a RunContext) under Hydra, after
+    checking every config the command line asks for."""
+    args, _ = _arguments().parse_known_args()
+    if not (args.help or args.hydra_help or args.version or args.info or args.cfg or args.shell_completion):
         _guard(lambda: precheck(config_dir, args.config_name or config_name, args.overrides))
 
     @hydra.main(config_path=str(config_dir), config_name=config_name, version_base="1.3")
     def main(cfg: DictConfig):
         module, function = task.split(":")
-        return _guard(lambda: getattr(importlib.import_module(module), function)(cfg))
+        return _guard(lambda: getattr(importlib.import_module(module), function)(cfg, job_context()))
 
     main()
+
+
+def job_context() -> RunContext:
+    """This Hydra job's overrides, its sweep's parent run (in a multirun) and the command line."""
+    hydra_cfg = HydraConfig.get()
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    return RunContext(overrides=tuple(hydra_cfg.overrides.task),
+                      parent_run_id=os.environ.get(PARENT_RUN_ENV) if in_sweep else None,
+                      command=tuple(sys.argv))
+
+
+def _arguments() -> argparse.ArgumentParser:
+    """Hydra's command-line flags, enough to tell overrides from flags and to skip the precheck for help."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("overrides", nargs="*")
+    for flags in (["--help", "-h"], ["--hydra-help"], ["--version"], ["--resolve"], ["--run", "-r"],
+                  ["--multirun", "-m"], ["--shell-completion", "-sc"]):
+        parser.add_argument(*flags, action="store_true")
+    for flags in (["--cfg", "-c"], ["--package", "-p"], ["--config-path", "-cp"], ["--config-name", "-cn"],
+                  ["--config-dir", "-cd"], ["--experimental-rerun"]):
+        parser.add_argument(*flags)
+    parser.add_argument("--info", "-i", nargs="?", const="all")
+    return parser
 
 
 def precheck(config_dir: Path, config_name: str, overrides: list[str]) -> None:

@@ -18,7 +18,7 @@ MAX_STATS_PATCHES = 20_000  # colour statistics from a seeded sample: enough for
 CHANNELS = ("red", "green", "blue")
 
 
-def eda(cfg: DictConfig) -> str:
+def eda(cfg: DictConfig, context=None) -> str:
     """Label distribution, a grid of sample patches and per-class colour statistics; returns the run id."""
     validate(cfg)
     import matplotlib
@@ -28,12 +28,13 @@ def eda(cfg: DictConfig) -> str:
     import pandas as pd
 
     from histo_transfer import tracking
-    from histo_transfer.data.loading import labelled_patches
+    from histo_transfer.data.sources import data_source
 
     experiment_id = tracking.setup(cfg.tracking)
     tags = {"kind": "eda", "data": cfg.data.name}
     with tracking.tracked_run(experiment_id, f"eda {cfg.data.name}", tags) as run, tempfile.TemporaryDirectory() as tmp:
-        root, key, patches, unlisted = labelled_patches(cfg.data)
+        labelled = data_source(cfg.data).labelled()
+        root, key, patches, unlisted = labelled.root, labelled.fingerprint, labelled.patches, labelled.unlisted
         usable = patches.usable(cfg.data.on_bad_image)
         mlflow.set_tags({"dataset_fingerprint": key, "data_root": str(root)})
         labels = patches.labels[usable]

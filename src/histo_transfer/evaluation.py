@@ -1,6 +1,6 @@
 """Scores and figures of a classifier on labelled patches (no MLflow here: callers log what this writes).
 
-`evaluate` writes every figure and table into a folder and returns the scalar metrics; training
+`write_report` writes every figure and table into a folder and returns the scalar metrics; training
 runs (on their validation split) and evaluate.py (on any labelled folder) both use it.
 """
 
@@ -14,14 +14,16 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from sklearn.metrics import auc as area, precision_recall_curve, roc_auc_score, roc_curve  # noqa: E402
+from sklearn.calibration import calibration_curve  # noqa: E402
+from sklearn.metrics import (  # noqa: E402
+    average_precision_score, brier_score_loss, confusion_matrix, precision_recall_curve, roc_auc_score, roc_curve)
 
 CALIBRATION_BINS = 10
 BOOTSTRAP_SAMPLES = 1000
 ERROR_GRID = 8  # most confident false positives / negatives shown
 
 
-def evaluate(labels: np.ndarray, probabilities: np.ndarray, images, out: Path, seed: int = 0) -> dict[str, float]:
+def write_report(labels: np.ndarray, probabilities: np.ndarray, images, out: Path, seed: int = 0) -> dict[str, float]:
     """ROC/PR curves, AUC with bootstrap 95 % CI, threshold metrics at 0.5 and Youden's J,
     confusion matrices, calibration (reliability diagram, ECE, Brier) and the most confident errors."""
     labels = np.asarray(labels).astype(int)
@@ -35,7 +37,8 @@ def evaluate(labels: np.ndarray, probabilities: np.ndarray, images, out: Path, s
     metrics["auc"] = float(roc_auc_score(labels, probabilities))
     metrics["auc_ci_low"], metrics["auc_ci_high"] = bootstrap_auc_ci(labels, probabilities, seed)
     precision, recall, _ = precision_recall_curve(labels, probabilities)
-    metrics["pr_auc"] = float(area(recall, precision))
+    # average precision, not the trapezoidal area under the PR curve (which overestimates it)
+    metrics["average_precision"] = float(average_precision_score(labels, probabilities))
     youden = float(thresholds[np.argmax(tpr - fpr)])
     metrics["youden_threshold"] = min(youden, 1.0)
     confusion = {}
@@ -71,29 +74,23 @@ def bootstrap_auc_ci(labels, probabilities, seed: int = 0, samples: int = BOOTST
 
 
 def threshold_metrics(labels, probabilities, threshold: float) -> tuple[dict[str, float], dict[str, int]]:
-    predicted = probabilities >= threshold
-    tp = int((predicted & (labels == 1)).sum())
-    tn = int((~predicted & (labels == 0)).sum())
-    fp = int((predicted & (labels == 0)).sum())
-    fn = int((~predicted & (labels == 1)).sum())
+    tn, fp, fn, tp = (int(v) for v in confusion_matrix(labels, probabilities >= threshold, labels=[0, 1]).ravel())
     scores = {"accuracy": (tp + tn) / len(labels), "sensitivity": tp / max(tp + fn, 1),
               "specificity": tn / max(tn + fp, 1)}
     return scores, {"tp": tp, "fp": fp, "tn": tn, "fn": fn}
 
 
 def calibration(labels, probabilities, bins: int = CALIBRATION_BINS):
-    """Expected calibration error over equal-width bins, Brier score, and the reliability table."""
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(probabilities, edges[1:-1]), 0, bins - 1)
-    table, ece = [], 0.0
-    for b in range(bins):
-        members = which == b
-        if members.any():
-            confidence, observed = probabilities[members].mean(), labels[members].mean()
-            ece += members.mean() * abs(confidence - observed)
-            table.append((edges[b], edges[b + 1], int(members.sum()), float(confidence), float(observed)))
-    brier = float(np.mean((probabilities - labels) ** 2))
-    return float(ece), brier, table
+    """Expected calibration error over equal-width bins, Brier score, and the reliability table
+    (bin centre, patches, mean predicted probability, observed share of label 1) of non-empty bins."""
+    observed, predicted = calibration_curve(labels, probabilities, n_bins=bins, strategy="uniform")
+    # the bins calibration_curve reports (the non-empty ones, in order), binned as it bins them
+    counts = np.bincount(np.searchsorted(np.linspace(0, 1, bins + 1)[1:-1], probabilities), minlength=bins)
+    centres = (np.flatnonzero(counts) + 0.5) / bins
+    counts = counts[counts > 0]
+    ece = float(np.sum(counts / len(labels) * np.abs(predicted - observed)))
+    table = [(float(c), int(n), float(p), float(o)) for c, n, p, o in zip(centres, counts, predicted, observed)]
+    return ece, float(brier_score_loss(labels, probabilities)), table
 
 
 def plot_training_curves(history: dict[str, list[float]], path: Path) -> Path:
@@ -120,7 +117,8 @@ def summary_text(metrics: dict[str, float], title: str) -> str:
     return "\n".join([
         title,
         f"  patches {int(m['n'])}, positive fraction {m['positive_fraction']:.3f}",
-        f"  ROC AUC {m['auc']:.4f}  (95 % CI {m['auc_ci_low']:.4f} - {m['auc_ci_high']:.4f}),  PR AUC {m['pr_auc']:.4f}",
+        f"  ROC AUC {m['auc']:.4f}  (95 % CI {m['auc_ci_low']:.4f} - {m['auc_ci_high']:.4f}),"
+        f"  average precision {m['average_precision']:.4f}",
         f"  at 0.5:              accuracy {m['accuracy_at_0.5']:.4f}  sensitivity {m['sensitivity_at_0.5']:.4f}"
         f"  specificity {m['specificity_at_0.5']:.4f}",
         f"  at Youden {m['youden_threshold']:.3f}:  accuracy {m['accuracy_at_youden']:.4f}"
@@ -140,7 +138,7 @@ def _plot_roc(fpr, tpr, metrics, path: Path) -> None:
 
 def _plot_pr(recall, precision, metrics, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot(recall, precision, label=f"PR AUC = {metrics['pr_auc']:.4f}")
+    ax.plot(recall, precision, label=f"average precision = {metrics['average_precision']:.4f}")
     ax.axhline(metrics["positive_fraction"], linestyle="--", color="grey", label="chance")
     ax.set(xlabel="recall (sensitivity)", ylabel="precision", title="Precision-recall", ylim=(0, 1.02))
     ax.legend(loc="lower left")
@@ -160,8 +158,8 @@ def _plot_confusion(matrix: dict, path: Path) -> None:
 
 def _plot_reliability(table, metrics, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 5))
-    centres = [(low + high) / 2 for low, high, *_ in table]
-    ax.bar(centres, [observed for *_, observed in table], width=1 / CALIBRATION_BINS, edgecolor="black",
+    ax.bar([centre for centre, *_ in table], [observed for *_, observed in table], width=1 / CALIBRATION_BINS,
+           edgecolor="black",
            alpha=0.6, label="observed share of label 1")
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
     ax.set(xlabel="predicted probability", ylabel="observed frequency",

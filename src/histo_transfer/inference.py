@@ -8,27 +8,35 @@ import numpy as np
 import pandas as pd
 
 from histo_transfer.errors import UserError
+from histo_transfer.options import Options
 
-TTA_VIEWS = {"none": 1, "flips": 4, "dihedral8": 8}
+TTA = Options("tta")  # test-time augmentation: the views of a batch whose probabilities are averaged
 
 
 class SubmissionError(UserError):
     """A submission that Kaggle would reject or score wrongly."""
 
 
-def tta_views(images, tta: str):
-    """The views averaged over: none; flips (identity, left-right, up-down, both); dihedral8
-    (the 4 rotations, each also mirrored). TensorFlow ops on a whole batch."""
+@TTA.register("none")
+def no_tta(images) -> list:
+    return [images]
+
+
+@TTA.register("flips")
+def flips(images) -> list:
+    """Identity, left-right, up-down, both."""
     import tensorflow as tf
 
-    if tta == "none":
-        return [images]
-    if tta == "flips":
-        return [images, tf.reverse(images, [2]), tf.reverse(images, [1]), tf.reverse(images, [1, 2])]
-    if tta == "dihedral8":
-        rotations = [tf.image.rot90(images, k) for k in range(4)]
-        return rotations + [tf.reverse(view, [2]) for view in rotations]
-    raise ValueError(f"unknown tta {tta!r}; choose one of {', '.join(TTA_VIEWS)}")
+    return [images, tf.reverse(images, [2]), tf.reverse(images, [1]), tf.reverse(images, [1, 2])]
+
+
+@TTA.register("dihedral8")
+def dihedral8(images) -> list:
+    """The 4 rotations, each also mirrored."""
+    import tensorflow as tf
+
+    rotations = [tf.image.rot90(images, k) for k in range(4)]
+    return rotations + [tf.reverse(view, [2]) for view in rotations]
 
 
 def predict_probabilities(model, images, batch_size: int = 256, tta: str = "none", progress: bool = True) -> np.ndarray:
@@ -37,13 +45,14 @@ def predict_probabilities(model, images, batch_size: int = 256, tta: str = "none
     import tensorflow as tf
     from tqdm import tqdm
 
-    views = TTA_VIEWS[tta]
+    views = TTA[tta]
 
     @tf.function(reduce_retracing=True)
     def step(batch):
-        stacked = tf.concat(tta_views(batch, tta), axis=0)
+        batches = views(batch)
+        stacked = tf.concat(batches, axis=0)
         probabilities = tf.cast(model(stacked, training=False), tf.float32)
-        return tf.reduce_mean(tf.reshape(probabilities, [views, -1]), axis=0)
+        return tf.reduce_mean(tf.reshape(probabilities, [len(batches), -1]), axis=0)
 
     out = np.empty(len(images), dtype=np.float32)
     with tqdm(total=len(images), desc=f"predicting (tta={tta})", unit="img", disable=not progress) as bar:

@@ -1,27 +1,81 @@
-"""Optimizer and learning-rate schedule from the `optimizer` config group."""
+"""Optimizers and learning-rate schedules (config group `optimizer`, key `optimizer.schedule`)."""
 
 from __future__ import annotations
 
-import keras
+from dataclasses import dataclass
+
+from histo_transfer.options import Options, between, one_of
+
+OPTIMIZERS = Options("optimizer")
+SCHEDULES = Options("optimizer.schedule")
 
 
-def build_optimizer(cfg, steps_per_epoch: int, epochs: int) -> tuple[keras.optimizers.Optimizer, list]:
-    """The optimizer, plus the callbacks its schedule needs (ReduceLROnPlateau for `plateau`)."""
-    lr = cfg.lr
-    callbacks = schedule_callbacks(cfg)
-    if cfg.schedule == "cosine":
-        lr = keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=max(1, steps_per_epoch * epochs))
-    if cfg.name == "adam":
-        return keras.optimizers.Adam(lr), callbacks
-    if cfg.name == "adamw":
-        return keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay), callbacks
-    if cfg.name == "sgd":
-        return keras.optimizers.SGD(lr, momentum=cfg.momentum), callbacks
-    raise ValueError(f"unknown optimizer {cfg.name}")
+@dataclass
+class OptimizerKeys:
+    name: str
+    lr: float = between(0, low_open=True)
+    schedule: str = one_of(SCHEDULES)
 
 
-def schedule_callbacks(cfg) -> list:
-    """Callbacks a schedule needs beside the optimizer (also for a resumed run, whose optimizer is restored)."""
-    if cfg.schedule == "plateau":
-        return [keras.callbacks.ReduceLROnPlateau(monitor="val_auc", mode="max", factor=0.5, patience=1)]
-    return []
+@dataclass
+class AdamWKeys(OptimizerKeys):
+    weight_decay: float = between(0)
+
+
+@dataclass
+class SGDKeys(OptimizerKeys):
+    momentum: float = between(0, 1, high_open=True)
+
+
+@OPTIMIZERS.register("adam", OptimizerKeys)
+def adam(cfg, learning_rate):
+    import keras
+
+    return keras.optimizers.Adam(learning_rate)
+
+
+@OPTIMIZERS.register("adamw", AdamWKeys)
+def adamw(cfg, learning_rate):
+    import keras
+
+    return keras.optimizers.AdamW(learning_rate, weight_decay=cfg.weight_decay)
+
+
+@OPTIMIZERS.register("sgd", SGDKeys)
+def sgd(cfg, learning_rate):
+    import keras
+
+    return keras.optimizers.SGD(learning_rate, momentum=cfg.momentum)
+
+
+@dataclass
+class Schedule:
+    learning_rate: object  # a float or a keras LearningRateSchedule
+    callbacks: list  # what the schedule needs beside the optimizer (also after a resume)
+
+
+@SCHEDULES.register("constant")
+def constant(cfg, total_steps: int, objective) -> Schedule:
+    return Schedule(cfg.lr, [])
+
+
+@SCHEDULES.register("cosine")
+def cosine(cfg, total_steps: int, objective) -> Schedule:
+    import keras
+
+    return Schedule(keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=max(1, total_steps)), [])
+
+
+@SCHEDULES.register("plateau")
+def plateau(cfg, total_steps: int, objective) -> Schedule:
+    """Halve the learning rate when the objective stalls for an epoch."""
+    import keras
+
+    return Schedule(cfg.lr, [keras.callbacks.ReduceLROnPlateau(monitor=objective.metric, mode=objective.mode,
+                                                               factor=0.5, patience=1)])
+
+
+def build_optimizer(cfg, total_steps: int, objective):
+    """The optimizer and its schedule's callbacks."""
+    schedule = SCHEDULES[cfg.schedule](cfg, total_steps, objective)
+    return OPTIMIZERS[cfg.name](cfg, schedule.learning_rate), schedule.callbacks

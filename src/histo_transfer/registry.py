@@ -12,7 +12,8 @@ from mlflow.exceptions import MlflowException
 from histo_transfer.errors import ConfigError, UserError
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-MODEL_ARTIFACT = "model/model.keras"  # where train.py puts the best model of a run
+MODEL_ARTIFACT = "model/model.keras"  # where a training run puts its best model
+LOGGED_MODEL_NAME = "classifier"  # the MLflow-logged (servable) model of a training run
 
 
 @dataclass
@@ -97,7 +98,7 @@ def register(run_id: str, name: str, alias: str | None = None) -> str:
     return str(version)
 
 
-def register_from_config(cfg) -> str:
+def register_from_config(cfg, context=None) -> str:
     """scripts/register.py."""
     from histo_transfer import tracking
 

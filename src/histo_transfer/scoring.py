@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from histo_transfer.config import validate
 from histo_transfer.errors import ConfigError, DataError
-from histo_transfer.inference import TTA_VIEWS
+from histo_transfer.inference import TTA
 
 log = logging.getLogger(__name__)
 
@@ -30,20 +30,20 @@ class Subset:
         return self.images[self.indices[item]]
 
 
-def predict(cfg: DictConfig) -> Path:
+def predict(cfg: DictConfig, context=None) -> Path:
     """Score the unlabelled test patches and write a checked submission.csv; returns its path."""
     _check(cfg)
     import mlflow
 
     from histo_transfer import tracking
-    from histo_transfer.data.loading import data_root, test_patches
+    from histo_transfer.data.sources import data_source
     from histo_transfer.inference import predict_probabilities, submission_frame, write_submission
     from histo_transfer.registry import load_model
 
     experiment_id = tracking.setup(cfg.tracking)
     loaded = load_model(cfg.model)
-    root = data_root(cfg.data)
-    patches = test_patches(cfg.data)
+    source = data_source(cfg.data)
+    root, patches = source.root(), source.holdout()
     if patches is None:
         raise ConfigError("data.root", f"{root} has no test patches to predict (test/ folder, or PCam's test split)")
     patches.usable("error")  # every test patch must be scored
@@ -64,32 +64,36 @@ def predict(cfg: DictConfig) -> Path:
     return output
 
 
-def evaluate_model(cfg: DictConfig) -> dict[str, float]:
+def evaluate(cfg: DictConfig, context=None) -> dict[str, float]:
     """Score a labelled data set: every labelled patch, the validation split, or PCam's official test split."""
     _check(cfg)
     import mlflow
 
     from histo_transfer import tracking
-    from histo_transfer.data.loading import data_root, labelled_patches, load_training_data, test_patches
-    from histo_transfer.evaluation import evaluate, summary_text
+    from histo_transfer.data.loading import load_training_data
+    from histo_transfer.data.sources import data_source
+    from histo_transfer.evaluation import summary_text, write_report
     from histo_transfer.inference import predict_probabilities
     from histo_transfer.registry import load_model
 
     experiment_id = tracking.setup(cfg.tracking)
     loaded = load_model(cfg.model)
-    split = cfg.split if cfg.split != "auto" else ("test" if cfg.data.name == "pcam_h5" else "all")
+    source = data_source(cfg.data)
+    split = cfg.split if cfg.split != "auto" else ("test" if source.holdout_labelled else "all")
     if split == "test":
-        if cfg.data.name != "pcam_h5":
-            raise ConfigError("split", "split=test needs data=pcam_h5 (Kaggle's test/ has no labels)")
-        root, patches = data_root(cfg.data), test_patches(cfg.data)
+        if not source.holdout_labelled:
+            raise ConfigError("split", f"split=test needs a data source with a labelled test split, such as "
+                                       f"data=pcam_h5 (data={cfg.data.name}'s test patches have no labels)")
+        root, patches = source.root(), source.holdout()
         if patches is None:
-            raise ConfigError("data.root", f"{root} has no camelyonpatch_level_2_split_test_x.h5[.gz]")
+            raise ConfigError("data.root", f"{root} has no test split")
         indices = patches.usable(cfg.data.on_bad_image)
     elif split == "val":
         data = load_training_data(cfg.data)
         root, patches, indices = data.root, data.patches, data.val_indices
     else:
-        root, _, patches, _ = labelled_patches(cfg.data)
+        labelled = source.labelled()
+        root, patches = labelled.root, labelled.patches
         indices = patches.usable(cfg.data.on_bad_image)
     images = Subset(patches.images, indices)
     labels = patches.labels[indices]
@@ -101,7 +105,7 @@ def evaluate_model(cfg: DictConfig) -> dict[str, float]:
             tempfile.TemporaryDirectory() as tmp:
         probabilities = predict_probabilities(loaded.model, images, cfg.batch_size, cfg.tta)
         try:
-            metrics = evaluate(labels, probabilities, images, Path(tmp) / "evaluation", seed=cfg.data.seed)
+            metrics = write_report(labels, probabilities, images, Path(tmp) / "evaluation", seed=cfg.data.seed)
         except ValueError as exc:
             raise DataError(f"{root}: {exc}") from exc
         mlflow.log_metrics({f"eval/{k}": v for k, v in metrics.items()})
@@ -112,8 +116,7 @@ def evaluate_model(cfg: DictConfig) -> dict[str, float]:
 
 def _check(cfg: DictConfig) -> None:
     validate(cfg)
-    if cfg.tta not in TTA_VIEWS:
-        raise ConfigError("tta", f"{cfg.tta!r} is not one of {', '.join(TTA_VIEWS)}")
+    TTA.validate_name(cfg.tta, "tta")
     if cfg.get("split") is not None and cfg.split not in ("auto", "all", "val", "test"):
         raise ConfigError("split", f"{cfg.split!r} is not one of auto, all, val, test")
 

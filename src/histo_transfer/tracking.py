@@ -125,7 +125,7 @@ def epoch_metrics_callback(names: tuple[str, ...]):
 def backfill_epochs(run_id: str, history: list[dict[str, float]], names: tuple[str, ...]) -> None:
     """Log the epochs of `history` that the run lacks (an interruption between checkpoint and logging)."""
     client = mlflow.tracking.MlflowClient()
-    logged = {metric.step for metric in client.get_metric_history(run_id, "val_auc")}
+    logged = {metric.step for metric in client.get_metric_history(run_id, names[0])}
     for step, logs in enumerate(history, start=1):
         if step not in logged:
             mlflow.log_metrics({k: v for k, v in logs.items() if k in names or k == "lr"}, step=step)

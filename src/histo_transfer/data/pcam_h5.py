@@ -14,7 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from histo_transfer import IMAGE_SHAPE
-from histo_transfer.data.cache import IMAGES_FILE, PatchSource, progress
+from histo_transfer.data.cache import IMAGES_FILE, PackedPatches, PatchSource, cache_folder, packed, progress
+from histo_transfer.data.kaggle import files_fingerprint
+from histo_transfer.data.sources import SOURCES, DataKeys, DataSource, Labelled, require_root
+from histo_transfer.data.split import subsample
 from histo_transfer.errors import ConfigError, DataError
 
 SPLITS = ("train", "valid", "test")
@@ -110,3 +113,32 @@ class _open:
         self.file.close()
         if self.inflated is not None:
             self.inflated.unlink(missing_ok=True)
+
+
+@SOURCES.register("pcam_h5", DataKeys)
+class PcamH5Source(DataSource):
+    """The official files: `train` to train on (frac subsamples it), `valid` to validate on, `test` held out."""
+
+    holdout_labelled = True
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        check_layout(require_root(cfg, "the camelyonpatch_level_2_split_*.h5 files"))
+
+    def labelled(self) -> Labelled:
+        root, splits = self.root(), ("train", "valid")
+        key = files_fingerprint(source_files(root, splits))
+        return Labelled(root, key, packed(cache_folder(self.cfg.cache_dir, "pcam", key), H5Splits(root, splits),
+                                          self.cfg.workers), [])
+
+    def split(self, patches, usable):
+        official_train = usable[patches.groups[usable] == "train"]
+        train = official_train[subsample(patches.labels[official_train], self.cfg.frac, self.cfg.seed)]
+        return train, usable[patches.groups[usable] == "valid"]
+
+    def holdout(self) -> PackedPatches | None:
+        root = self.root()
+        if not split_file(root, "test", "x"):
+            return None
+        key = files_fingerprint(source_files(root, ["test"]))
+        return packed(cache_folder(self.cfg.cache_dir, "pcam-test", key), H5Splits(root, ["test"]), self.cfg.workers)

@@ -15,14 +15,16 @@ READ_CHUNK = 256  # records decoded per step
 
 
 def make_dataset(images, labels: np.ndarray, indices: np.ndarray, batch_size: int, *,
-                 shuffle: bool = False, augment=None, seed: int = 0, epochs: tuple[int, int] = (0, 1)) -> tf.data.Dataset:
+                 shuffle: bool = False, augment=None, seed: int = 0, epochs: tuple[int, int] = (0, 1),
+                 steps: int | None = None) -> tf.data.Dataset:
     """Batches of (RGB 0-255 uint8 images, float32 (B, 1) labels) of the patches `indices`.
 
     A memory-mapped cache is read by TensorFlow itself, record by record, never through Python: a
     Python step inside tf.data (numpy_function) can deadlock when Keras drops an iterator while that
     step waits for the GIL. Unshuffled batches come in index order. With `shuffle`, the dataset holds
     the epochs `epochs[0]` up to `epochs[1]` back to back (fit with steps_per_epoch); epoch e's order
-    and augmentations depend only on (seed, e), so a resumed run sees what it would have seen.
+    and augmentations depend only on (seed, e), so a resumed run sees what it would have seen;
+    `steps` caps the batches of each epoch (debug runs).
     The model casts the uint8 images itself, on its own device.
     """
     wanted = np.zeros(len(labels), dtype=bool)
@@ -55,7 +57,8 @@ def make_dataset(images, labels: np.ndarray, indices: np.ndarray, batch_size: in
     def one_epoch(epoch: int) -> tf.data.Dataset:
         # Python-int seeds: TensorFlow's op seeds must not be tensors when no global seed is set
         shuffled = patches().shuffle(min(SHUFFLE_BUFFER, int(wanted.sum())), seed=seed * 1_000_003 + epoch)
-        batches = shuffled.batch(batch_size).map(labelled).enumerate()
+        batches = shuffled.batch(batch_size).map(labelled)
+        batches = (batches.take(steps) if steps else batches).enumerate()
         # a stateless seed pair per batch for the augmentation: (seed + epoch, batch number)
         first = tf.constant(seed + epoch, tf.int64)
         return batches.map(lambda number, batch: (batch, tf.stack([first, number])))

@@ -11,12 +11,15 @@ import hashlib
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from histo_transfer.data.layout import IMAGE_SUFFIX, LABELS_FILE
+from histo_transfer.data.kaggle import IMAGE_SUFFIX, LABELS_FILE, KaggleSource
+from histo_transfer.data.sources import SOURCES, DataKeys
+from histo_transfer.options import between
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +30,24 @@ NORMAL_NUCLEUS, TUMOUR_NUCLEUS = (150, 100, 175), (100, 55, 140)
 COMPLETE_MARKER = ".complete"
 SIZE = 96
 _GRID_Y, _GRID_X = np.mgrid[0:SIZE, 0:SIZE]
+
+
+@dataclass
+class SyntheticKeys(DataKeys):
+    n_train: int = between(20)
+    n_test: int = between(0)
+
+
+@SOURCES.register("synthetic", SyntheticKeys)
+class SyntheticSource(KaggleSource):
+    """The built-in data: a Kaggle layout generated on first use."""
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        pass  # generated, so always there
+
+    def root(self) -> Path:
+        return ensure_synthetic(super().root(), self.cfg.n_train, self.cfg.n_test)
 
 
 def ensure_synthetic(root: Path, n_train: int, n_test: int) -> Path:

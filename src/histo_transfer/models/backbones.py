@@ -1,4 +1,4 @@
-"""Backbone registry: config name -> Keras application, its preprocess_input, and limits.
+"""Backbones (config group `backbone`): name -> Keras application, its preprocess_input, and limits.
 
 Pure data at import time so config validation can check names without loading TensorFlow.
 """
@@ -8,8 +8,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from histo_transfer.errors import ConfigError
+from histo_transfer.options import Options, between
 
 log = logging.getLogger(__name__)
 
@@ -23,16 +25,53 @@ class BackboneSpec:
     pretrained: bool = True  # ImageNet weights exist
 
 
-BACKBONES: dict[str, BackboneSpec] = {
-    "mobilenetv2": BackboneSpec("MobileNetV2", "mobilenet_v2", alphas=(0.35, 0.5, 0.75, 1.0, 1.3, 1.4)),
-    "resnet152v2": BackboneSpec("ResNet152V2", "resnet_v2"),
-    "inceptionresnetv2": BackboneSpec("InceptionResNetV2", "inception_resnet_v2", min_input_size=75),
-    "densenet201": BackboneSpec("DenseNet201", "densenet"),
-    "efficientnetb2": BackboneSpec("EfficientNetB2", "efficientnet"),
-    "mobilenet_v1": BackboneSpec("MobileNet", "mobilenet", alphas=(0.25, 0.5, 0.75, 1.0)),
-    # Scales to [-1, 1] like the MobileNets.
-    "tiny_cnn": BackboneSpec("", "mobilenet_v2", pretrained=False),
-}
+@dataclass
+class BackboneKeys:
+    name: str
+    weights: Optional[str]  # auto | imagenet | null | path to .h5
+    fine_tune_fraction: float = between(0, 1)
+    input_size: int = between(1)
+
+
+@dataclass
+class WidthMultiplierKeys(BackboneKeys):
+    alpha: float
+
+
+@dataclass
+class TinyCnnKeys(BackboneKeys):
+    width: int = between(1)
+
+
+def _check(node, spec: BackboneSpec) -> None:
+    if node.input_size < spec.min_input_size:
+        raise ConfigError("backbone.input_size", f"{node.input_size} is too small; need at least {spec.min_input_size}")
+    if spec.alphas and node.alpha not in spec.alphas:
+        raise ConfigError("backbone.alpha", f"{node.alpha} is not one of {', '.join(map(str, spec.alphas))}")
+    weights = node.weights
+    if weights is None or weights in ("auto", "imagenet"):
+        if weights is not None and not spec.pretrained:
+            raise ConfigError("backbone.weights", f"{node.name} has no pretrained weights; use backbone.weights=null")
+        return
+    path = Path(str(weights)).expanduser()
+    if not path.is_file():
+        raise ConfigError("backbone.weights", f"{weights!r} is neither auto, imagenet, null nor an existing weights file")
+    if not path.name.endswith(".h5"):
+        raise ConfigError("backbone.weights", f"{path} is not a Keras .h5 weights file")
+
+
+BACKBONES = Options("backbone", check=_check)
+BACKBONES.add("mobilenetv2", BackboneSpec("MobileNetV2", "mobilenet_v2", alphas=(0.35, 0.5, 0.75, 1.0, 1.3, 1.4)),
+              WidthMultiplierKeys)
+BACKBONES.add("resnet152v2", BackboneSpec("ResNet152V2", "resnet_v2"), BackboneKeys)
+BACKBONES.add("inceptionresnetv2", BackboneSpec("InceptionResNetV2", "inception_resnet_v2", min_input_size=75),
+              BackboneKeys)
+BACKBONES.add("densenet201", BackboneSpec("DenseNet201", "densenet"), BackboneKeys)
+BACKBONES.add("efficientnetb2", BackboneSpec("EfficientNetB2", "efficientnet"), BackboneKeys)
+BACKBONES.add("mobilenet_v1", BackboneSpec("MobileNet", "mobilenet", alphas=(0.25, 0.5, 0.75, 1.0)),
+              WidthMultiplierKeys)
+# Scales to [-1, 1] like the MobileNets.
+BACKBONES.add("tiny_cnn", BackboneSpec("", "mobilenet_v2", pretrained=False), TinyCnnKeys)
 
 
 @dataclass

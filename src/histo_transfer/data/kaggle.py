@@ -7,9 +7,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import logging
+
 import numpy as np
 
+from histo_transfer.data.cache import ImageFiles, PackedPatches, cache_folder, packed
+from histo_transfer.data.sources import SOURCES, DataKeys, DataSource, Labelled, require_root
 from histo_transfer.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 LABELS_FILE = "train_labels.csv"
 IMAGE_SUFFIX = ".tif"
@@ -89,7 +95,7 @@ def read_labelled(root: Path) -> LabelledPatches:
     return LabelledPatches(root, ids.to_numpy(dtype=str), labels.astype(np.int8).to_numpy(), unlisted)
 
 
-def test_ids(root: Path) -> list[str]:
+def unlabelled_ids(root: Path) -> list[str]:
     """Ids of the unlabelled test/ patches, sorted; empty when there is no test/ folder."""
     test_dir = root / "test"
     if not test_dir.is_dir():
@@ -115,3 +121,33 @@ def files_fingerprint(paths: list[Path], digest=None) -> str:
         stat = path.stat()
         digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
+
+
+@SOURCES.register("kaggle", DataKeys)
+class KaggleSource(DataSource):
+    """A folder in the Kaggle layout; validation is a stratified split of train/."""
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        check_layout(require_root(cfg, "train/ and train_labels.csv"))
+
+    def labelled(self) -> Labelled:
+        root = self.root()
+        listing = read_labelled(root)
+        if listing.unlisted:
+            log.warning("%d files in %s have no row in train_labels.csv and are ignored, e.g. %s",
+                        len(listing.unlisted), root / "train", listing.unlisted[0])
+        key = fingerprint(root)
+        source = ImageFiles(listing.paths(), listing.ids, listing.labels, group="train")
+        patches = packed(cache_folder(self.cfg.cache_dir, "train", key), source, self.cfg.workers)
+        return Labelled(root, key, patches, listing.unlisted)
+
+    def holdout(self) -> PackedPatches | None:
+        """The unlabelled test/ folder (what a submission scores)."""
+        root = self.root()
+        ids = unlabelled_ids(root)
+        if not ids:
+            return None
+        paths = [root / "test" / f"{image_id}{IMAGE_SUFFIX}" for image_id in ids]
+        source = ImageFiles(paths, ids, group="test")
+        return packed(cache_folder(self.cfg.cache_dir, "test", files_fingerprint(paths)), source, self.cfg.workers)

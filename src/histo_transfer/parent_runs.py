@@ -1,0 +1,150 @@
+"""A parent MLflow run that groups child runs: a Hydra sweep, a keras-tuner search (later: a CV).
+
+Children carry MLflow's `mlflow.parentRunId` tag, so the UI folds them under the parent. At the end
+the parent gets a summary table and plot, the best child (by the objective) and that child's
+differing params, and always ends: FINISHED, or FAILED when its process dies half-way.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import Param
+from mlflow.tracking import MlflowClient
+
+from histo_transfer.objective import Objective
+
+log = logging.getLogger(__name__)
+
+PARENT_TAG = "mlflow.parentRunId"
+RESULT_METRICS = ("best_val_loss", "best_val_accuracy", "best_val_auc", "best_epoch")
+
+
+class ParentRun:
+    def __init__(self, run_id: str, objective: Objective, resumable: bool = False):
+        self.client = MlflowClient(mlflow.get_tracking_uri())
+        self.run_id, self.objective = run_id, objective
+        # MLflow params never change, so a parent that may be resumed (and improve) keeps `best.*` as tags
+        self.resumable = resumable
+
+    @classmethod
+    def create(cls, experiment_id: str, name: str, tags: dict[str, str], objective: Objective,
+               params: dict[str, str] | None = None, resumable: bool = False) -> "ParentRun":
+        parent = cls(MlflowClient(mlflow.get_tracking_uri()).create_run(
+            experiment_id, run_name=name, tags=tags).info.run_id, objective, resumable)
+        if params:
+            parent.client.log_batch(parent.run_id, params=[Param(k, v) for k, v in params.items()])
+        atexit.register(parent.end_if_running)  # a process that dies half-way must not leave it RUNNING
+        log.info("MLflow parent run %s (%s)", parent.run_id, name)
+        return parent
+
+    @classmethod
+    def resume(cls, run_id: str, objective: Objective) -> "ParentRun":
+        """Continue an interrupted parent: its children left RUNNING died with it, and end KILLED."""
+        parent = cls(run_id, objective, resumable=True)
+        for child in parent.children():
+            if child.info.status == "RUNNING":
+                parent.client.set_terminated(child.info.run_id, "KILLED")
+        parent.client.update_run(run_id, status="RUNNING")
+        atexit.register(parent.end_if_running)
+        return parent
+
+    @property
+    def child_tags(self) -> dict[str, str]:
+        return {PARENT_TAG: self.run_id}
+
+    def children(self) -> list:
+        experiment = self.client.get_run(self.run_id).info.experiment_id
+        return self.client.search_runs([experiment], filter_string=f"tags.`{PARENT_TAG}` = '{self.run_id}'",
+                                       max_results=10_000)
+
+    def summarise(self, name: str = "summary") -> str | None:
+        """Summary table and plot (`summary/<name>.csv|png`), best-child marks; returns the best child's id."""
+        children = self.children()
+        table = summary_table(children, self.objective)
+        if table.empty or not table["best"].any():
+            log.warning("parent run %s has no finished child to summarise", self.run_id)
+            return None
+        best = table.iloc[0]
+        self.client.set_tag(best["run_id"], "best_in_sweep", "true")
+        self.client.set_tag(self.run_id, "best_child_run_id", best["run_id"])
+        self.client.log_metric(self.run_id, self.objective.best_metric, float(best[self.objective.best_metric]))
+        self.client.log_metric(self.run_id, "n_jobs", len(children))
+        for key in varying_params(children):
+            if self.resumable:
+                self.client.set_tag(self.run_id, f"best.{key}", str(best[key]))
+            else:
+                self.client.log_param(self.run_id, f"best.{key}", best[key])
+        with tempfile.TemporaryDirectory() as tmp:
+            table.to_csv(Path(tmp) / f"{name}.csv", index=False)
+            plot_summary(table, Path(tmp) / f"{name}.png")
+            self.client.log_artifacts(self.run_id, tmp, "summary")
+        log.info("parent run %s: best %s %.4f by %s", self.run_id, self.objective.metric,
+                 best[self.objective.best_metric], best["job"])
+        return str(best["run_id"])
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)
+
+    def end_if_running(self) -> None:
+        if self.client.get_run(self.run_id).info.status == "RUNNING":
+            self.end("FAILED")
+
+
+def varying_params(runs) -> list[str]:
+    """Config keys whose values differ between the runs: what the parent explored."""
+    keys = sorted({key for run in runs for key in run.data.params})
+    return [k for k in keys if len({run.data.params.get(k) for run in runs}) > 1]
+
+
+def summary_table(runs, objective: Objective):
+    """One row per child: what it varied, its best-epoch validation metrics; best by the objective first."""
+    import pandas as pd
+
+    varying = varying_params(runs)
+    metrics = list(dict.fromkeys([*RESULT_METRICS, objective.best_metric]))
+    rows = []
+    for run in runs:
+        row = {"job": ", ".join(f"{k}={run.data.params.get(k)}" for k in varying) or run.info.run_name,
+               "run_id": run.info.run_id, "status": run.info.status}
+        row.update({k: run.data.params.get(k) for k in varying})
+        row.update({m: run.data.metrics.get(m) for m in metrics})
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    finished = (table["status"] == "FINISHED") & table[objective.best_metric].notna()
+    table = table.assign(_finished=finished).sort_values(
+        ["_finished", objective.best_metric], ascending=[False, objective.mode == "min"], na_position="last",
+        kind="stable").drop(columns="_finished").reset_index(drop=True)
+    table["best"] = False
+    table.loc[0, "best"] = bool(finished.any())
+    return table
+
+
+def plot_summary(table, path: Path) -> None:
+    """Grouped bars of validation loss, accuracy and AUC per child."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    metrics = ["best_val_loss", "best_val_accuracy", "best_val_auc"]
+    positions = np.arange(len(table))
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(table)), 4.5))
+    for offset, metric in zip((-0.27, 0, 0.27), metrics):
+        values = table[metric].astype(float).fillna(0)
+        bars = ax.bar(positions + offset, values, width=0.27, label=metric.removeprefix("best_"))
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    ax.set_xticks(positions, [f"{'* ' if b else ''}{j}" for j, b in zip(table["job"], table["best"])],
+                  rotation=20, ha="right", fontsize=8)
+    ax.set(title="Validation metrics per job (* best)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
