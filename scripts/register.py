@@ -1,6 +1,8 @@
-"""Register a training run's model in the MLflow model registry, with an alias:
+"""Register a model in the MLflow model registry, with an alias: a training run's, or an ensemble
+exported (TTA baked in) as one self-contained model:
 
     python scripts/register.py run=<run id> name=pcam-classifier alias=champion
+    python scripts/register.py model=<cv or sweep parent run id> export.tta=dihedral8 name=pcam-ensemble
 """
 
 import os

@@ -13,7 +13,7 @@ from histo_transfer.config import validate
 from histo_transfer.errors import ConfigError, UserError
 
 GROUPS = ["data", "backbone", "augmentation", "optimizer", "trainer", "tracking", "paths", "experiment",
-          "hparams_search", "tuner", "debug"]
+          "hparams_search", "tuner", "debug", "cv"]
 
 
 @pytest.fixture
@@ -65,17 +65,18 @@ def test_every_experiment_builds_its_model(experiment, kaggle_root):
     assert model.name == f"{cfg.backbone.name}_classifier"
 
 
-@pytest.mark.parametrize("group", ["data", "backbone", "augmentation", "optimizer", "tuner"])
+@pytest.mark.parametrize("group", ["data", "backbone", "augmentation", "optimizer", "tuner", "cv"])
 def test_each_registered_option_has_its_yaml_and_each_yaml_its_option(group):
     """Adding an option is one registration plus one YAML file: neither may be forgotten."""
     from histo_transfer.augment import AUGMENTATIONS
+    from histo_transfer.cross_validation import CV
     from histo_transfer.data.sources import SOURCES
     from histo_transfer.models.backbones import BACKBONES
     from histo_transfer.optim import OPTIMIZERS
     from histo_transfer.tuning import TUNERS
 
     registry = {"data": SOURCES, "backbone": BACKBONES, "augmentation": AUGMENTATIONS, "optimizer": OPTIMIZERS,
-                "tuner": TUNERS}[group]
+                "tuner": TUNERS, "cv": CV}[group]
     yaml_names = {p.stem for p in (CONF_DIR / group).glob("[!_]*.yaml")}
     assert yaml_names == set(registry.names())
 
@@ -116,6 +117,9 @@ def test_mlflow_tracking_uri_environment_overrides_the_store(monkeypatch):
     (["objective.mode=up"], "objective.mode: 'up' is not one of max, min"),
     (["trainer.profile_batches=[5,2]"], "trainer.profile_batches: [5, 2] is not [first, last]"),
     (["trainer.strategy=tpu"], "trainer.strategy: 'tpu' is not one of auto"),
+    (["cv=kfold", "cv.folds=1"], "cv.folds: 1 is too small; need at least 2"),
+    (["cv=kfold", "cv.fold=5"], "cv.fold: 5 is out of range; need 0 <= fold < cv.folds=5"),
+    (["cv=kfold", "tuner=random"], "cv: a keras-tuner search (tuner=...) cannot also be cross-validated"),
     (["augmentation=strong", "augmentation.stain_sigma=2"], "augmentation.stain_sigma: 2 is out of range"),
 ])
 def test_wrong_values_name_the_key(overrides, message):

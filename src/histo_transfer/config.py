@@ -14,6 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 import histo_transfer.data  # noqa: F401 (registers the data sources)
 from histo_transfer.augment import AUGMENTATIONS
+from histo_transfer.cross_validation import CV
 from histo_transfer.data.sources import SOURCES
 from histo_transfer.distribution import STRATEGIES
 from histo_transfer.errors import ConfigError
@@ -74,6 +75,10 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError("tracking.experiment", "must be a non-empty name")
         if cfg.get("tuner") is not None:
             TUNERS.validate(cfg.tuner)
+        if cfg.get("cv") is not None:
+            CV.validate(cfg.cv)
+            if cfg.get("tuner") is not None:
+                raise ConfigError("cv", "a keras-tuner search (tuner=...) cannot also be cross-validated; drop one")
         for key in sorted(OmegaConf.missing_keys(cfg)):
             raise ConfigError(key, f"is required: add {key}=VALUE to the command line")
     except OmegaConfBaseException as exc:

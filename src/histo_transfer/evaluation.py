@@ -23,9 +23,11 @@ BOOTSTRAP_SAMPLES = 1000
 ERROR_GRID = 8  # most confident false positives / negatives shown
 
 
-def write_report(labels: np.ndarray, probabilities: np.ndarray, images, out: Path, seed: int = 0) -> dict[str, float]:
+def write_report(labels: np.ndarray, probabilities: np.ndarray, images, out: Path, seed: int = 0,
+                 ids=None) -> dict[str, float]:
     """ROC/PR curves, AUC with bootstrap 95 % CI, threshold metrics at 0.5 and Youden's J,
-    confusion matrices, calibration (reliability diagram, ECE, Brier) and the most confident errors."""
+    confusion matrices, calibration (reliability diagram, ECE, Brier) and the most confident errors;
+    with `ids`, also every patch's prediction (predictions.csv: id,label,probability)."""
     labels = np.asarray(labels).astype(int)
     probabilities = np.asarray(probabilities, dtype=np.float64)
     out.mkdir(parents=True, exist_ok=True)
@@ -48,6 +50,11 @@ def write_report(labels: np.ndarray, probabilities: np.ndarray, images, out: Pat
         confusion[name] = {"threshold": threshold, **matrix}
     metrics["ece"], metrics["brier"], reliability = calibration(labels, probabilities)
 
+    if ids is not None:
+        import pandas as pd
+
+        pd.DataFrame({"id": np.asarray(ids, dtype=str), "label": labels, "probability": probabilities}).to_csv(
+            out / "predictions.csv", index=False)
     (out / "confusion.json").write_text(json.dumps(confusion, indent=1))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     np.savetxt(out / "roc_curve.csv", np.column_stack([fpr, tpr, thresholds]), delimiter=",",

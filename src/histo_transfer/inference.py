@@ -39,6 +39,31 @@ def dihedral8(images) -> list:
     return rotations + [tf.reverse(view, [2]) for view in rotations]
 
 
+COMBINE = Options("ensemble.method")  # how an ensemble's members' probabilities become one
+
+
+@COMBINE.register("mean")
+def mean_probability(each: np.ndarray) -> np.ndarray:
+    return each.mean(axis=0)
+
+
+@COMBINE.register("rank")
+def mean_rank(each: np.ndarray) -> np.ndarray:
+    """Mean of each member's ranks scaled to [0, 1]: members with differently calibrated outputs weigh
+    alike. Only the order is meaningful (fine for AUC), not the values as probabilities."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(each, axis=1)
+    return ((ranks - 1) / max(each.shape[1] - 1, 1)).mean(axis=0).astype(np.float32)
+
+
+def ensemble_probabilities(models: list, images, batch_size: int = 256, tta: str = "none",
+                           method: str = "mean") -> np.ndarray:
+    """Each member's probabilities after its TTA, combined by `method`; one member: its own."""
+    each = np.stack([predict_probabilities(model, images, batch_size, tta) for model in models])
+    return each[0] if len(each) == 1 else COMBINE[method](each).astype(np.float32)
+
+
 def predict_probabilities(model, images, batch_size: int = 256, tta: str = "none", progress: bool = True) -> np.ndarray:
     """Probability of label 1 for every patch of `images` (array-like, e.g. the memory-mapped cache),
     averaged over the TTA views, as float32 of shape (N,)."""

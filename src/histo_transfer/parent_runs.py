@@ -1,4 +1,4 @@
-"""A parent MLflow run that groups child runs: a Hydra sweep, a keras-tuner search (later: a CV).
+"""A parent MLflow run that groups child runs: a Hydra sweep, a keras-tuner search, a cross-validation.
 
 Children carry MLflow's `mlflow.parentRunId` tag, so the UI folds them under the parent. At the end
 the parent gets a summary table and plot, the best child (by the objective) and that child's
@@ -33,24 +33,30 @@ class ParentRun:
 
     @classmethod
     def create(cls, experiment_id: str, name: str, tags: dict[str, str], objective: Objective,
-               params: dict[str, str] | None = None, resumable: bool = False) -> "ParentRun":
+               params: dict[str, str] | None = None, resumable: bool = False,
+               only_this_process: bool = True) -> "ParentRun":
+        """A new parent. `only_this_process`: no other process adds children, so when this one exits the
+        parent must have ended (FAILED if not); False for parents shared by a launcher's jobs."""
         parent = cls(MlflowClient(mlflow.get_tracking_uri()).create_run(
             experiment_id, run_name=name, tags=tags).info.run_id, objective, resumable)
         if params:
             parent.client.log_batch(parent.run_id, params=[Param(k, v) for k, v in params.items()])
-        atexit.register(parent.end_if_running)  # a process that dies half-way must not leave it RUNNING
+        if only_this_process:
+            atexit.register(parent.end_if_running)  # a process that dies half-way must not leave it RUNNING
         log.info("MLflow parent run %s (%s)", parent.run_id, name)
         return parent
 
     @classmethod
-    def resume(cls, run_id: str, objective: Objective) -> "ParentRun":
-        """Continue an interrupted parent: its children left RUNNING died with it, and end KILLED."""
+    def resume(cls, run_id: str, objective: Objective, only_this_process: bool = True) -> "ParentRun":
+        """Continue a parent. When only this process adds children, those left RUNNING died with the
+        interrupted process, and end KILLED."""
         parent = cls(run_id, objective, resumable=True)
-        for child in parent.children():
-            if child.info.status == "RUNNING":
-                parent.client.set_terminated(child.info.run_id, "KILLED")
+        if only_this_process:
+            for child in parent.children():
+                if child.info.status == "RUNNING":
+                    parent.client.set_terminated(child.info.run_id, "KILLED")
+            atexit.register(parent.end_if_running)
         parent.client.update_run(run_id, status="RUNNING")
-        atexit.register(parent.end_if_running)
         return parent
 
     @property

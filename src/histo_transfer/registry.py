@@ -23,6 +23,46 @@ class LoadedModel:
     source_run_id: str | None  # the training run, when known
 
 
+def member_refs(ref, top_k: int = 5) -> list[str]:
+    """The single-model references an ensemble reference stands for: a list of references; a CV parent
+    run (its folds' models); a sweep parent run (its best `top_k` jobs by their objective); otherwise
+    `ref` itself."""
+    from omegaconf import ListConfig
+
+    if isinstance(ref, (list, tuple, ListConfig)):
+        return [one for item in ref for one in member_refs(item, top_k)]
+    ref = str(ref)
+    if not RUN_ID.match(ref):
+        return [ref]
+    client = mlflow.tracking.MlflowClient()
+    try:
+        run = client.get_run(ref)
+    except MlflowException as exc:
+        raise ConfigError("model", f"no run {ref} in {mlflow.get_tracking_uri()}") from exc
+    kind = run.data.tags.get("kind")
+    if kind not in ("cv", "sweep"):
+        return [ref]
+    children = [child for child in client.search_runs(
+        [run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{ref}'", max_results=10_000)
+        if child.info.status == "FINISHED" and child.data.tags.get("kind") in (None, "cv-fold")]
+    if kind == "cv":
+        children.sort(key=lambda child: int(child.data.tags.get("cv.fold", 0)))
+    else:  # the objective each job optimised; its direction is a param of the jobs
+        metric = children[0].data.params.get("objective.metric", "val_auc") if children else "val_auc"
+        lowest_first = children[0].data.params.get("objective.mode") == "min" if children else False
+        children = [c for c in children if f"best_{metric}" in c.data.metrics]
+        children.sort(key=lambda c: c.data.metrics[f"best_{metric}"], reverse=not lowest_first)
+        children = children[:top_k]
+    if not children:
+        raise ConfigError("model", f"{kind} run {ref} has no finished training run with a model")
+    return [child.info.run_id for child in children]
+
+
+def load_models(ref, top_k: int = 5) -> list[LoadedModel]:
+    """Every member of `ref` (see member_refs), loaded."""
+    return [load_model(one) for one in member_refs(ref, top_k)]
+
+
 def load_model(ref: str) -> LoadedModel:
     """Load `ref`: an MLflow run id, `models:/NAME@alias`, `models:/NAME/VERSION`, or a `.keras` path.
 
@@ -99,11 +139,38 @@ def register(run_id: str, name: str, alias: str | None = None) -> str:
 
 
 def register_from_config(cfg, context=None) -> str:
-    """scripts/register.py."""
+    """scripts/register.py: a training run's model, or any model reference (an ensemble, with its TTA
+    baked in) exported as one self-contained model first."""
     from histo_transfer import tracking
 
-    tracking.setup(cfg.tracking)
-    version = register(str(cfg.run), str(cfg.name), cfg.alias)
-    print(f"registered run {cfg.run} as models:/{cfg.name}/{version}"
+    experiment_id = tracking.setup(cfg.tracking)
+    if (cfg.run is None) == (cfg.model is None):
+        raise ConfigError("run", "give exactly one of run=<training run id> and model=<any model reference>")
+    run_id = str(cfg.run) if cfg.run is not None else export(cfg, experiment_id)
+    version = register(run_id, str(cfg.name), cfg.alias)
+    print(f"registered run {run_id} as models:/{cfg.name}/{version}"
           + (f" (alias {cfg.alias}: models:/{cfg.name}@{cfg.alias})" if cfg.alias else ""))
     return version
+
+
+def export(cfg, experiment_id: str) -> str:
+    """One run (tag kind=export) holding `cfg.model`'s members and TTA as one model: model/model.keras
+    and the MLflow-logged model that registration and `mlflow models serve` use. Returns its id."""
+    import tempfile
+
+    import numpy as np
+
+    from histo_transfer import tracking
+    from histo_transfer.inference import TTA
+    from histo_transfer.models.ensemble import export_ensemble
+
+    TTA.validate_name(cfg.export.tta, "export.tta")
+    members = load_models(cfg.model, cfg.ensemble.top_k)
+    model = export_ensemble([m.model for m in members], cfg.export.tta, name=str(cfg.name))
+    tags = {"kind": "export", "model_ref": str(cfg.model), "tta": cfg.export.tta, "n_members": str(len(members)),
+            "members": ",".join(m.source_run_id or m.ref for m in members)}
+    with tracking.tracked_run(experiment_id, f"export {cfg.name} tta={cfg.export.tta}", tags) as run, \
+            tempfile.TemporaryDirectory() as tmp:
+        example = np.random.default_rng(0).integers(0, 256, (2, *model.input_shape[1:]), dtype=np.uint8)
+        tracking.log_keras_model(model, example, Path(tmp))
+    return run.info.run_id

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from histo_transfer.config import validate
 from histo_transfer.errors import ConfigError, DataError
-from histo_transfer.inference import TTA
+from histo_transfer.inference import COMBINE, TTA
 
 log = logging.getLogger(__name__)
 
@@ -37,23 +37,22 @@ def predict(cfg: DictConfig, context=None) -> Path:
 
     from histo_transfer import tracking
     from histo_transfer.data.sources import data_source
-    from histo_transfer.inference import predict_probabilities, submission_frame, write_submission
-    from histo_transfer.registry import load_model
+    from histo_transfer.inference import ensemble_probabilities, submission_frame, write_submission
+    from histo_transfer.registry import load_models
 
     experiment_id = tracking.setup(cfg.tracking)
-    loaded = load_model(cfg.model)
+    members = load_models(cfg.model, cfg.ensemble.top_k)
     source = data_source(cfg.data)
     root, patches = source.root(), source.holdout()
     if patches is None:
         raise ConfigError("data.root", f"{root} has no test patches to predict (test/ folder, or PCam's test split)")
     patches.usable("error")  # every test patch must be scored
     expected = _sample_submission_ids(root)
-    tags = {"kind": "predict", "model_ref": str(cfg.model), "tta": cfg.tta, "data_root": str(root)}
-    if loaded.source_run_id:
-        tags["source_run_id"] = loaded.source_run_id
+    tags = {"kind": "predict", "tta": cfg.tta, "data_root": str(root), **_model_tags(cfg, members)}
     with tracking.tracked_run(experiment_id, f"predict {cfg.data.name} tta={cfg.tta}", tags):
         started = time.perf_counter()
-        probabilities = predict_probabilities(loaded.model, patches.images, cfg.batch_size, cfg.tta)
+        probabilities = ensemble_probabilities([m.model for m in members], patches.images, cfg.batch_size, cfg.tta,
+                                               cfg.ensemble.method)
         seconds = time.perf_counter() - started
         frame = submission_frame(patches.ids, probabilities, expected)
         output = write_submission(frame, Path(cfg.output).expanduser().resolve())
@@ -73,11 +72,11 @@ def evaluate(cfg: DictConfig, context=None) -> dict[str, float]:
     from histo_transfer.data.loading import load_training_data
     from histo_transfer.data.sources import data_source
     from histo_transfer.evaluation import summary_text, write_report
-    from histo_transfer.inference import predict_probabilities
-    from histo_transfer.registry import load_model
+    from histo_transfer.inference import ensemble_probabilities
+    from histo_transfer.registry import load_models
 
     experiment_id = tracking.setup(cfg.tracking)
-    loaded = load_model(cfg.model)
+    members = load_models(cfg.model, cfg.ensemble.top_k)
     source = data_source(cfg.data)
     split = cfg.split if cfg.split != "auto" else ("test" if source.holdout_labelled else "all")
     if split == "test":
@@ -97,26 +96,41 @@ def evaluate(cfg: DictConfig, context=None) -> dict[str, float]:
         indices = patches.usable(cfg.data.on_bad_image)
     images = Subset(patches.images, indices)
     labels = patches.labels[indices]
-    tags = {"kind": "evaluate", "model_ref": str(cfg.model), "tta": cfg.tta, "eval_split": split,
-            "data_root": str(root)}
-    if loaded.source_run_id:
-        tags["source_run_id"] = loaded.source_run_id
+    tags = {"kind": "evaluate", "tta": cfg.tta, "eval_split": split, "data_root": str(root),
+            **_model_tags(cfg, members)}
     with tracking.tracked_run(experiment_id, f"evaluate {cfg.data.name}:{split} tta={cfg.tta}", tags), \
             tempfile.TemporaryDirectory() as tmp:
-        probabilities = predict_probabilities(loaded.model, images, cfg.batch_size, cfg.tta)
+        probabilities = ensemble_probabilities([m.model for m in members], images, cfg.batch_size, cfg.tta,
+                                               cfg.ensemble.method)
         try:
-            metrics = write_report(labels, probabilities, images, Path(tmp) / "evaluation", seed=cfg.data.seed)
+            metrics = write_report(labels, probabilities, images, Path(tmp) / "evaluation", seed=cfg.data.seed,
+                                   ids=patches.ids[indices])
         except ValueError as exc:
             raise DataError(f"{root}: {exc}") from exc
         mlflow.log_metrics({f"eval/{k}": v for k, v in metrics.items()})
         mlflow.log_artifacts(str(Path(tmp) / "evaluation"), "evaluation")
-    print(summary_text(metrics, f"{cfg.model} on {root} ({split}, tta={cfg.tta})"))
+    members_note = f", {len(members)} members ({cfg.ensemble.method})" if len(members) > 1 else ""
+    print(summary_text(metrics, f"{cfg.model} on {root} ({split}, tta={cfg.tta}{members_note})"))
     return metrics
+
+
+def _model_tags(cfg: DictConfig, members) -> dict[str, str]:
+    """What was scored: the reference as given and, for an ensemble, its members' training runs."""
+    tags = {"model_ref": str(cfg.model), "n_members": str(len(members))}
+    if len(members) == 1 and members[0].source_run_id:
+        tags["source_run_id"] = members[0].source_run_id
+    if len(members) > 1:
+        tags["members"] = ",".join(m.source_run_id or m.ref for m in members)[:5000]
+        tags["ensemble_method"] = cfg.ensemble.method
+    return tags
 
 
 def _check(cfg: DictConfig) -> None:
     validate(cfg)
     TTA.validate_name(cfg.tta, "tta")
+    COMBINE.validate_name(cfg.ensemble.method, "ensemble.method")
+    if not isinstance(cfg.ensemble.top_k, int) or cfg.ensemble.top_k < 1:
+        raise ConfigError("ensemble.top_k", f"{cfg.ensemble.top_k!r} is not a whole number of at least 1")
     if cfg.get("split") is not None and cfg.split not in ("auto", "all", "val", "test"):
         raise ConfigError("split", f"{cfg.split!r} is not one of auto, all, val, test")
 

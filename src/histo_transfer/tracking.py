@@ -13,6 +13,8 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
+from histo_transfer.errors import TrainingInterrupted
+
 log = logging.getLogger(__name__)
 
 
@@ -94,7 +96,7 @@ def tracked_run(experiment_id: str, run_name: str | None, tags: dict[str, str], 
     log.info("MLflow run %s (%s) in %s", run.info.run_id, run.info.run_name, redact_uri(mlflow.get_tracking_uri()))
     try:
         yield run
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, TrainingInterrupted):  # the latter: a nested run was interrupted
         mlflow.set_tag("error", "interrupted (KeyboardInterrupt)")
         mlflow.end_run("KILLED")
         raise
@@ -129,3 +131,24 @@ def backfill_epochs(run_id: str, history: list[dict[str, float]], names: tuple[s
     for step, logs in enumerate(history, start=1):
         if step not in logged:
             mlflow.log_metrics({k: v for k, v in logs.items() if k in names or k == "lr"}, step=step)
+
+
+def log_keras_model(model, example, out: Path) -> None:
+    """`model` as model/model.keras, its summary, and an MLflow-logged (servable) model."""
+    import keras
+    import tensorflow as tf
+    from mlflow.models import infer_signature
+
+    from histo_transfer.registry import LOGGED_MODEL_NAME, MODEL_ARTIFACT
+
+    lines: list[str] = []
+    model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line), expand_nested=False)
+    mlflow.log_text("\n".join(lines), "model/summary.txt")
+    path = out / "model.keras"
+    model.save(path)
+    mlflow.log_artifact(str(path), Path(MODEL_ARTIFACT).parent.as_posix())
+    example = example.astype("float32")
+    signature = infer_signature(example, model.predict(example, verbose=0))
+    # Explicit requirements: inferring them would re-import TensorFlow in a subprocess.
+    mlflow.keras.log_model(model, name=LOGGED_MODEL_NAME, signature=signature,
+                           pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"])

@@ -2,30 +2,57 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from histo_transfer.config import validate
 from histo_transfer.context import RunContext
 from histo_transfer.errors import TrainingInterrupted
 from histo_transfer.objective import EPOCH_METRICS
-from histo_transfer.registry import LOGGED_MODEL_NAME, MODEL_ARTIFACT
 
 log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig, context: RunContext | None = None) -> float:
-    """Run one training job (or a keras-tuner search); returns the objective's best value, which
-    Hydra sweepers optimise."""
+    """Run one training job (a keras-tuner search, or a cross-validation); returns the objective's best
+    value, which Hydra sweepers optimise."""
     context = context or RunContext()
     validate(cfg)
     if cfg.get("tuner") is not None:  # a keras-tuner search instead of one run
         from histo_transfer.tuning import tune
 
         return tune(cfg, context)
+    if cfg.get("cv") is not None:  # k folds, one nested run each, under one parent
+        from histo_transfer.cross_validation import cross_validate
+
+        return cross_validate(cfg, context)
+    return run_training(cfg, context, parent_run_id=context.parent_run_id).objective_value
+
+
+@dataclass
+class Fold:
+    """Train on every patch of the CV pool outside fold `number`, validate on the fold."""
+
+    number: int
+    of_patch: np.ndarray  # the fold of each packed patch; -1 outside the CV pool
+
+
+@dataclass
+class TrainingOutcome:
+    run_id: str
+    objective_value: float  # at the best epoch
+
+
+def run_training(cfg: DictConfig, context: RunContext, *, parent_run_id: str | None = None, fold: Fold | None = None,
+                 tags: dict[str, str] | None = None, run_name: str | None = None,
+                 nested: bool = False) -> TrainingOutcome:
+    """One complete training run in its own MLflow run (resumed from its checkpoint with trainer.resume)."""
     from histo_transfer import tracking
     from histo_transfer.checkpoints import Checkpoints, run_key
     from histo_transfer.parent_runs import PARENT_TAG
@@ -38,27 +65,28 @@ def train(cfg: DictConfig, context: RunContext | None = None) -> float:
                     checkpoints.folder)
     if not cfg.trainer.resume:
         checkpoints.clear()  # a fresh start: stale state of the same config would only mislead a later resume
-    tags = {
+    run_tags = {
         "mlflow.source.git.commit": tracking.git_commit(Path(cfg.paths.root_dir)),
         "backbone": cfg.backbone.name,
         "data": cfg.data.name,
         **{str(k): str(v) for k, v in cfg.tracking.tags.items()},
+        **(tags or {}),
     }
-    if context.parent_run_id:
-        tags[PARENT_TAG] = context.parent_run_id  # nests this job under its sweep in the UI
-    run_name = cfg.tracking.run_name or tracking.run_name_from_overrides(list(context.overrides))
+    if parent_run_id:
+        run_tags[PARENT_TAG] = parent_run_id  # nests this run under its sweep or CV in the UI
+    run_name = run_name or cfg.tracking.run_name or tracking.run_name_from_overrides(list(context.overrides))
     try:
-        with tracking.tracked_run(experiment_id, run_name, tags,
+        with tracking.tracked_run(experiment_id, run_name, run_tags, nested=nested,
                                   run_id=resumed.progress.run_id if resumed else None) as run:
-            best = _run(cfg, context, run.info.run_id, checkpoints, resumed)
+            best = _run(cfg, context, run.info.run_id, checkpoints, resumed, fold)
     except KeyboardInterrupt:
         raise TrainingInterrupted("the run ended KILLED, its last completed epoch is saved; resume with: "
                                   + context.resume_command()) from None
     checkpoints.clear()  # finished: nothing left to resume
-    return best
+    return TrainingOutcome(run.info.run_id, best)
 
 
-def _run(cfg: DictConfig, context: RunContext, run_id: str, checkpoints, resumed) -> float:
+def _run(cfg: DictConfig, context: RunContext, run_id: str, checkpoints, resumed, fold: Fold | None) -> float:
     """The body of a training run, inside its MLflow run; `resumed` is the state of an interrupted one."""
     # TensorFlow is imported only once the config is known to be good.
     import keras
@@ -84,6 +112,9 @@ def _run(cfg: DictConfig, context: RunContext, run_id: str, checkpoints, resumed
                      "replicas": str(strategy.num_replicas_in_sync)})
     keras.utils.set_random_seed(cfg.trainer.seed + progress.epoch)
     data = load_training_data(cfg.data)
+    if fold is not None:
+        data = dataclasses.replace(data, train_indices=np.flatnonzero((fold.of_patch >= 0) & (fold.of_patch != fold.number)),
+                                   val_indices=np.flatnonzero(fold.of_patch == fold.number))
     _log_data(data)
     session = TrainingSession(cfg, data)
 
@@ -110,7 +141,7 @@ def _run(cfg: DictConfig, context: RunContext, run_id: str, checkpoints, resumed
 
     with tempfile.TemporaryDirectory() as tmp:
         _log_evaluation(model, session, result, Path(tmp))
-        _log_model(model, data.images[data.val_indices[:4]], Path(tmp))
+        tracking.log_keras_model(model, data.images[data.val_indices[:4]], Path(tmp))
     objective = session.objective
     log.info("run %s finished: best %s %.4f at epoch %d", run_id, objective.metric, result.best[objective.metric],
              result.best_epoch)
@@ -144,26 +175,7 @@ def _log_evaluation(model, session, result, out: Path) -> None:
         log.warning("validation split holds one label only: no ROC or calibration report")
         return
     probabilities = model.predict(session.val_dataset(), verbose=0)[:, 0]
-    metrics = write_report(labels, probabilities, data.images[session.val_indices], out / "evaluation")
+    metrics = write_report(labels, probabilities, data.images[session.val_indices], out / "evaluation",
+                           ids=data.patches.ids[session.val_indices])
     mlflow.log_metrics({f"eval/{k}": v for k, v in metrics.items()})
     mlflow.log_artifacts(str(out / "evaluation"), "evaluation")
-
-
-def _log_model(model, example, out: Path) -> None:
-    """The best model as model/model.keras, its summary, and an MLflow-logged (servable) model."""
-    import keras
-    import mlflow
-    import tensorflow as tf
-    from mlflow.models import infer_signature
-
-    lines: list[str] = []
-    model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line), expand_nested=False)
-    mlflow.log_text("\n".join(lines), "model/summary.txt")
-    path = out / "model.keras"
-    model.save(path)
-    mlflow.log_artifact(str(path), Path(MODEL_ARTIFACT).parent.as_posix())
-    example = example.astype("float32")
-    signature = infer_signature(example, model.predict(example, verbose=0))
-    # Explicit requirements: inferring them would re-import TensorFlow in a subprocess.
-    mlflow.keras.log_model(model, name=LOGGED_MODEL_NAME, signature=signature,
-                           pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"])

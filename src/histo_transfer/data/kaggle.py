@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import logging
+from typing import Optional
 
 import numpy as np
 
@@ -108,6 +108,21 @@ def unlabelled_ids(root: Path) -> list[str]:
     return [name[: -len(IMAGE_SUFFIX)] for name in names]
 
 
+def read_groups(path: Path) -> dict[str, str]:
+    """id -> whole-slide image, from a CSV with columns id,wsi (errors name the file)."""
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise DataError(f"{path}: not a CSV with columns id,wsi ({str(exc).splitlines()[0]})") from exc
+    columns = [str(c).strip().lstrip("\ufeff") for c in table.columns]
+    if "id" not in columns or "wsi" not in columns:
+        raise DataError(f"{path}: columns are {','.join(columns)}; expected id,wsi")
+    table.columns = columns
+    return dict(zip(table["id"].str.strip(), table["wsi"].str.strip()))
+
+
 def fingerprint(root: Path) -> str:
     """Hash of the labels file and the train/ listing (names, sizes, mtimes); changes when the data does."""
     digest = hashlib.sha256((root / LABELS_FILE).read_bytes())
@@ -123,13 +138,33 @@ def files_fingerprint(paths: list[Path], digest=None) -> str:
     return digest.hexdigest()[:16]
 
 
-@SOURCES.register("kaggle", DataKeys)
+@dataclass
+class KaggleKeys(DataKeys):
+    groups_csv: Optional[str]  # id,wsi: the slide of each patch, for grouped CV folds
+
+
+@SOURCES.register("kaggle", KaggleKeys)
 class KaggleSource(DataSource):
     """A folder in the Kaggle layout; validation is a stratified split of train/."""
 
     @classmethod
     def check(cls, cfg) -> None:
         check_layout(require_root(cfg, "train/ and train_labels.csv"))
+        if cfg.groups_csv is not None and not Path(cfg.groups_csv).expanduser().is_file():
+            raise ConfigError("data.groups_csv", f"{cfg.groups_csv} is not a file (expected a CSV with columns id,wsi)")
+
+    def groups(self, labelled: Labelled) -> np.ndarray | None:
+        """Slides from data.groups_csv; a patch it does not list is a group of its own."""
+        if self.cfg.groups_csv is None:
+            return None
+        slides = read_groups(Path(self.cfg.groups_csv).expanduser())
+        ids = labelled.patches.ids
+        groups = np.array([slides.get(image_id, f"unlisted:{image_id}") for image_id in ids])
+        unlisted = sum(image_id not in slides for image_id in ids)
+        if unlisted:
+            log.warning("%d of %d patches have no row in %s: each is its own group", unlisted, len(ids),
+                        self.cfg.groups_csv)
+        return groups
 
     def labelled(self) -> Labelled:
         root = self.root()

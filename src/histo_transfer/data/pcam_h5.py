@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import shutil
 import tempfile
@@ -19,6 +20,8 @@ from histo_transfer.data.kaggle import files_fingerprint
 from histo_transfer.data.sources import SOURCES, DataKeys, DataSource, Labelled, require_root
 from histo_transfer.data.split import subsample
 from histo_transfer.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
 READ_CHUNK = 4096
@@ -131,10 +134,30 @@ class PcamH5Source(DataSource):
         return Labelled(root, key, packed(cache_folder(self.cfg.cache_dir, "pcam", key), H5Splits(root, splits),
                                           self.cfg.workers), [])
 
-    def split(self, patches, usable):
+    def groups(self, labelled: Labelled) -> np.ndarray | None:
+        """Slides from the official camelyonpatch_level_2_split_<split>_meta.csv files (column wsi)."""
+        import pandas as pd
+
+        patches, slides = labelled.patches, np.empty(len(labelled.patches.ids), dtype=object)
+        for split in np.unique(patches.groups):
+            path = labelled.root / f"camelyonpatch_level_2_split_{split}_meta.csv"
+            rows = np.flatnonzero(patches.groups == split)
+            if not path.is_file():
+                log.warning("%s is absent: cross-validation folds cannot keep slides apart", path.name)
+                return None
+            meta = pd.read_csv(path, dtype=str)
+            if "wsi" not in meta.columns or len(meta) != len(rows):
+                raise DataError(f"{path}: expected a wsi column and {len(rows)} rows, one per patch of the split")
+            slides[rows] = meta["wsi"].to_numpy()
+        return slides.astype(str)
+
+    def cv_pool(self, patches, usable):
+        """The official train split (frac subsamples it); valid stays for validation."""
         official_train = usable[patches.groups[usable] == "train"]
-        train = official_train[subsample(patches.labels[official_train], self.cfg.frac, self.cfg.seed)]
-        return train, usable[patches.groups[usable] == "valid"]
+        return official_train[subsample(patches.labels[official_train], self.cfg.frac, self.cfg.seed)]
+
+    def split(self, patches, usable):
+        return self.cv_pool(patches, usable), usable[patches.groups[usable] == "valid"]
 
     def holdout(self) -> PackedPatches | None:
         root = self.root()

@@ -15,7 +15,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from histo_transfer.data.cache import PackedPatches
-from histo_transfer.data.split import split_indices
+from histo_transfer.data.split import split_indices, subsample
 from histo_transfer.errors import ConfigError
 from histo_transfer.options import Options, between, one_of
 
@@ -63,6 +63,14 @@ class DataSource:
     def holdout(self) -> PackedPatches | None:
         """The held-out test patches, packed; None when the source has none."""
         return None
+
+    def groups(self, labelled: Labelled) -> np.ndarray | None:
+        """The whole-slide image of each packed patch, when the source knows it (for grouped CV folds)."""
+        return None
+
+    def cv_pool(self, patches: PackedPatches, usable: np.ndarray) -> np.ndarray:
+        """The patches cross-validation divides into folds: a stratified `frac` of the usable ones."""
+        return usable[subsample(patches.labels[usable], self.cfg.frac, self.cfg.seed)]
 
     def split(self, patches: PackedPatches, usable: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Training and validation indices among `usable`: stratified, seeded, `frac` of them."""

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from histo_transfer.data.kaggle import IMAGE_SUFFIX, LABELS_FILE, KaggleSource
-from histo_transfer.data.sources import SOURCES, DataKeys
+from histo_transfer.data.kaggle import IMAGE_SUFFIX, LABELS_FILE, KaggleKeys, KaggleSource
+from histo_transfer.data.sources import SOURCES
 from histo_transfer.options import between
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ _GRID_Y, _GRID_X = np.mgrid[0:SIZE, 0:SIZE]
 
 
 @dataclass
-class SyntheticKeys(DataKeys):
+class SyntheticKeys(KaggleKeys):
     n_train: int = between(20)
     n_test: int = between(0)
 
@@ -44,7 +44,7 @@ class SyntheticSource(KaggleSource):
 
     @classmethod
     def check(cls, cfg) -> None:
-        pass  # generated, so always there
+        pass  # generated, so always there (data.groups_csv is checked when read)
 
     def root(self) -> Path:
         return ensure_synthetic(super().root(), self.cfg.n_train, self.cfg.n_test)

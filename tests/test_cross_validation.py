@@ -1,0 +1,223 @@
+"""k-fold cross-validation, fold ensembles as models, and the exported ensemble."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from sklearn.metrics import roc_auc_score
+
+from conftest import CONF_DIR, ROOT, TINY_RUN, compose_config, run_cli, store_overrides, write_kaggle_layout
+from histo_transfer.data.folds import assign_folds
+from histo_transfer.errors import ConfigError
+
+pytestmark = pytest.mark.slow
+TINY_CV = [o for o in TINY_RUN if not o.startswith("trainer.epochs")] + ["trainer.epochs=1", "cv=kfold", "cv.folds=3"]
+
+
+def runs_of(uri):
+    client = MlflowClient(uri)
+    runs = client.search_runs(["1"], max_results=100)
+    [parent] = [r for r in runs if r.data.tags.get("kind") == "cv"]
+    folds = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
+                   key=lambda r: int(r.data.tags["cv.fold"]))
+    return client, parent, folds
+
+
+def artifact_csv(run_id, path, uri):
+    return pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, tracking_uri=uri),
+                       dtype={"id": str})
+
+
+@pytest.fixture(scope="module")
+def cv_run(tmp_path_factory):
+    """One 3-fold CV of the tiny model on 160 built-in patches, through `python train.py`."""
+    tmp = tmp_path_factory.mktemp("cv")
+    result = run_cli([*TINY_CV, *store_overrides(tmp)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    uri = f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"
+    client, parent, folds = runs_of(uri)
+    return {"tmp": tmp, "uri": uri, "client": client, "parent": parent, "folds": folds}
+
+
+def test_cv_is_one_parent_with_a_complete_nested_run_per_fold(cv_run):
+    parent, folds, client = cv_run["parent"], cv_run["folds"], cv_run["client"]
+    assert parent.info.status == "FINISHED" and parent.data.tags["cv.grouped"] == "false"
+    assert [f.data.tags["cv.fold"] for f in folds] == ["0", "1", "2"]
+    for fold in folds:
+        assert fold.info.status == "FINISHED"
+        assert "model/model.keras" in {a.path for a in client.list_artifacts(fold.info.run_id, "model")}
+        assert fold.data.metrics["n_train"] + fold.data.metrics["n_val"] == 160  # every patch, no val_split
+    per_fold = [f.data.metrics["best_val_auc"] for f in folds]
+    assert parent.data.metrics["cv_auc_mean"] == pytest.approx(np.mean(per_fold))
+    assert parent.data.metrics["cv_auc_std"] == pytest.approx(np.std(per_fold))
+    assert {"cv/folds.csv", "cv/oof_predictions.csv", "cv/folds.png"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id, "cv")}
+    assert "evaluation/roc.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "evaluation")}
+
+
+def test_out_of_fold_predictions_cover_every_patch_once_and_give_the_honest_auc(cv_run):
+    parent, uri = cv_run["parent"], cv_run["uri"]
+    assignment = artifact_csv(parent.info.run_id, "cv/folds.csv", uri)
+    oof = artifact_csv(parent.info.run_id, "cv/oof_predictions.csv", uri)
+    assert list(oof.columns) == ["id", "label", "fold", "probability"]
+    assert len(oof) == 160 and oof["id"].is_unique and set(oof["id"]) == set(assignment["id"])
+    assert oof.set_index("id")["fold"].to_dict() == assignment.set_index("id")["fold"].to_dict()
+    for fold in cv_run["folds"]:  # each fold's predictions are its own validation patches
+        mine = artifact_csv(fold.info.run_id, "evaluation/predictions.csv", uri)
+        number = int(fold.data.tags["cv.fold"])
+        assert set(mine["id"]) == set(oof.loc[oof["fold"] == number, "id"])
+    assert parent.data.metrics["oof_auc"] == pytest.approx(roc_auc_score(oof["label"], oof["probability"]))
+    assert parent.data.metrics["oof_auc_ci_low"] <= parent.data.metrics["oof_auc"] <= parent.data.metrics["oof_auc_ci_high"]
+
+
+def test_groups_never_share_a_fold_and_stay_stratified():
+    rng = np.random.default_rng(0)
+    groups = np.repeat([f"slide{i}" for i in range(30)], 10)
+    labels = (rng.random(300) < 0.4).astype(int)
+    folds = assign_folds(labels, groups, 5, seed=1)
+    for slide in np.unique(groups):
+        assert len(set(folds[groups == slide])) == 1
+    assert sorted(set(folds)) == [0, 1, 2, 3, 4]
+    ungrouped = assign_folds(labels, None, 5, seed=1)
+    assert all(abs(labels[ungrouped == k].mean() - labels.mean()) < 0.05 for k in range(5))
+    with pytest.raises(ConfigError, match="cv.folds: cannot make 5 folds"):
+        assign_folds(np.array([0, 1, 0, 1]), None, 5, seed=1)
+
+
+def test_kaggle_groups_csv_maps_slides_and_unlisted_ids_become_their_own_group(tmp_path):
+    from histo_transfer.data.sources import data_source
+
+    ids = write_kaggle_layout(tmp_path / "kaggle", [0, 1] * 6)
+    (tmp_path / "groups.csv").write_text("id,wsi\n" + "".join(f"{i},slide{n % 3}\n" for n, i in enumerate(ids[:9])))
+    cfg = compose_config([*store_overrides(tmp_path), "data=kaggle", f"data.root={tmp_path / 'kaggle'}",
+                          f"data.groups_csv={tmp_path / 'groups.csv'}"])
+    source = data_source(cfg.data)
+    labelled = source.labelled()
+    groups = dict(zip(labelled.patches.ids, source.groups(labelled)))
+    assert groups[ids[0]] == groups[ids[3]] == "slide0" and groups[ids[1]] == "slide1"
+    assert len({groups[i] for i in ids[9:]}) == 3 and not {groups[i] for i in ids[9:]} & {"slide0", "slide1", "slide2"}
+
+
+def test_an_interrupted_cv_resumes_into_the_same_parent(tmp_path):
+    args = [o for o in TINY_CV if not o.startswith(("trainer.epochs", "data.n_train"))] + [
+        "data.n_train=900", "trainer.epochs=3", *store_overrides(tmp_path)]
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    deadline = time.time() + 400
+    while not (_fold_finished(uri, "0") and list((tmp_path / "checkpoints").glob("*/epoch_0001/progress.json"))):
+        assert process.poll() is None, process.communicate()[1][-3000:]  # fold 0's state is gone: this is fold 1
+        assert time.time() < deadline
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "trainer.resume=true" in stderr.strip().splitlines()[-1]
+    _, parent, folds = runs_of(uri)
+    assert parent.info.status == "KILLED"
+    first = {f.data.tags["cv.fold"]: (f.info.run_id, f.info.status) for f in folds}
+    assert first["0"][1] == "FINISHED" and first["1"][1] == "KILLED"
+
+    result = run_cli([*args, "trainer.resume=true"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, again, folds = runs_of(uri)
+    assert again.info.run_id == parent.info.run_id and again.info.status == "FINISHED"
+    assert [f.info.status for f in folds] == ["FINISHED"] * 3
+    now = {f.data.tags["cv.fold"]: f.info.run_id for f in folds}
+    assert now["0"] == first["0"][0] and now["1"] == first["1"][0]  # kept, and resumed in place
+    assert "oof_auc" in again.data.metrics
+
+
+def _fold_finished(uri, number) -> bool:
+    if not __import__("pathlib").Path(uri.removeprefix("sqlite:///")).exists():
+        return False  # created by the training process: never race its schema migration
+    try:
+        runs = MlflowClient(uri).search_runs(["1"], filter_string=f"tags.`cv.fold` = '{number}'")
+    except Exception:  # the store is still being created
+        return False
+    return any(run.info.status == "FINISHED" for run in runs)
+
+
+def test_single_fold_jobs_of_a_sweep_share_one_cv_parent(tmp_path):
+    result = run_cli(["-m", *[o for o in TINY_CV if o != "cv.folds=3"], "cv.folds=2", "cv.fold=0,1",
+                      *store_overrides(tmp_path)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, parent, folds = runs_of(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    assert [f.data.tags["cv.fold"] for f in folds] == ["0", "1"]
+    assert parent.info.status == "FINISHED" and "oof_auc" in parent.data.metrics
+
+
+def scoring(cv_run, name, *extra):
+    from hydra import compose, initialize_config_dir
+
+    keep = [*store_overrides(cv_run["tmp"]), "data.n_train=160", "data.n_test=8"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(name, overrides=[*keep, *extra])
+
+
+def test_every_kind_of_model_reference_scores_as_an_ensemble(cv_run, tmp_path):
+    from histo_transfer.registry import member_refs
+    from histo_transfer.scoring import evaluate, predict
+
+    mlflow.set_tracking_uri(cv_run["uri"])
+    parent, folds = cv_run["parent"].info.run_id, [f.info.run_id for f in cv_run["folds"]]
+    assert member_refs(parent) == folds  # a CV parent: its folds, in order
+    assert member_refs([folds[0], folds[2]]) == [folds[0], folds[2]]  # a list
+    metrics = evaluate(scoring(cv_run, "evaluate", f"model={parent}", "tta=flips"))
+    single = evaluate(scoring(cv_run, "evaluate", f"model={folds[0]}"))
+    ranked = evaluate(scoring(cv_run, "evaluate", f"model=[{folds[0]},{folds[1]}]", "ensemble.method=rank"))
+    runs = {r.data.tags.get("model_ref"): r for r in MlflowClient(cv_run["uri"]).search_runs(
+        ["1"], filter_string="tags.kind = 'evaluate'")}
+    assert runs[parent].data.tags["n_members"] == "3" and runs[parent].data.tags["members"] == ",".join(folds)
+    assert runs[folds[0]].data.tags["source_run_id"] == folds[0]
+    assert metrics["auc"] != single["auc"] and 0 <= ranked["auc"] <= 1
+    output = tmp_path / "submission.csv"
+    predict(scoring(cv_run, "predict", f"model={parent}", f"output={output}"))
+    assert len(pd.read_csv(output)) == 8
+
+
+def test_a_sweep_parent_stands_for_its_best_jobs(tmp_path):
+    from histo_transfer.registry import member_refs
+
+    sweep = [o for o in TINY_CV if not o.startswith("cv")]
+    result = run_cli(["-m", *sweep, *store_overrides(tmp_path), "optimizer.lr=0.001,0.01,0.03"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    runs = MlflowClient(uri).search_runs(["1"])
+    [parent] = [r for r in runs if r.data.tags.get("kind") == "sweep"]
+    jobs = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
+                  key=lambda r: -r.data.metrics["best_val_auc"])
+    assert member_refs(parent.info.run_id, top_k=2) == [j.info.run_id for j in jobs[:2]]
+
+
+def test_exported_ensemble_reloads_alone_and_equals_the_members_mean(cv_run, tmp_path):
+    from histo_transfer.inference import ensemble_probabilities
+    from histo_transfer.registry import load_models, register_from_config
+
+    mlflow.set_tracking_uri(cv_run["uri"])
+    parent = cv_run["parent"].info.run_id
+    version = register_from_config(scoring(cv_run, "register", f"model={parent}", "export.tta=dihedral8",
+                                           "name=cv-ensemble"))
+    client = MlflowClient(cv_run["uri"])
+    exported = client.get_run(client.get_model_version("cv-ensemble", version).run_id)
+    assert exported.data.tags["kind"] == "export" and exported.data.tags["n_members"] == "3"
+    path = mlflow.artifacts.download_artifacts(run_id=exported.info.run_id, artifact_path="model/model.keras",
+                                               dst_path=str(tmp_path))
+    patches = np.random.default_rng(0).integers(0, 256, (6, 96, 96, 3), dtype=np.uint8)
+    np.save(tmp_path / "patches.npy", patches)
+    script = (f"import keras, numpy as np; m = keras.models.load_model({path!r}, safe_mode=True);"
+              f"np.save({str(tmp_path / 'out.npy')!r}, m.predict(np.load({str(tmp_path / 'patches.npy')!r}), verbose=0))")
+    subprocess.run([sys.executable, "-I", "-c", script], check=True, capture_output=True, timeout=300)
+    alone = np.load(tmp_path / "out.npy")
+    members = [m.model for m in load_models(parent)]
+    expected = ensemble_probabilities(members, patches, tta="dihedral8")
+    assert alone.shape == (6, 1) and np.abs(alone[:, 0] - expected).max() < 1e-5
