@@ -18,6 +18,7 @@ CONF_DIR = ROOT / "conf"
 SHARED = ROOT.parent / "shared"
 PCAM_SAMPLE = SHARED / "data" / "pcam_sample"
 MOBILENET_V1_WEIGHTS = SHARED / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
+PCAM_FOLDERS = SHARED / "data" / "pcam_folders"
 
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

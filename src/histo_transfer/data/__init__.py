@@ -5,4 +5,4 @@ Importing the package registers every source in `sources.SOURCES`; a new source 
 with a registered DataSource class, imported here, plus its YAML in conf/data/.
 """
 
-from histo_transfer.data import kaggle, pcam_h5, synthetic  # noqa: F401 (they register their sources)
+from histo_transfer.data import folders, kaggle, pcam_h5, synthetic  # noqa: F401 (they register their sources)

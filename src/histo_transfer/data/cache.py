@@ -124,13 +124,14 @@ class PatchSource:
 
 
 class ImageFiles(PatchSource):
-    """Image files (TIFFs) decoded by a pool of worker processes straight into the memory map."""
+    """Image files (TIFF, JPEG, PNG) decoded by a pool of worker processes straight into the memory map."""
 
-    def __init__(self, paths: list[Path], ids, labels=None, group: str = ""):
+    def __init__(self, paths: list[Path], ids, labels=None, group=""):
+        """`group`: one name for all (e.g. "train"), or one per image."""
         self.paths = [str(p) for p in paths]
         self.ids = np.asarray(ids, dtype=str)
         self.labels = np.full(len(ids), -1, np.int8) if labels is None else np.asarray(labels, np.int8)
-        self.groups = np.full(len(ids), group)
+        self.groups = np.full(len(ids), group) if isinstance(group, str) else np.asarray(group, dtype=str)
 
     def write(self, folder: Path, workers: int | None) -> dict[int, str]:
         target = folder / IMAGES_FILE
