@@ -104,7 +104,7 @@ def trained_once(tmp_path_factory):
     import mlflow
 
     tmp = tmp_path_factory.mktemp("trained")
-    overrides = [*TINY_RUN, *store_overrides(tmp)]
+    overrides = [*TINY_RUN, *store_overrides(tmp), "tracking.system_metrics_interval=1"]
     result = run_cli(overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     uri = f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"

@@ -40,7 +40,7 @@ def test_dihedral_returns_one_of_eight_views_per_image_and_is_seeded():
     assert np.array_equal(out, again)
 
 
-@pytest.mark.parametrize("name", ["notebook", "strong"])
+@pytest.mark.parametrize("name", ["notebook", "strong", "pathology"])
 def test_augmentations_keep_shape_and_range_and_change_pixels(name):
     cfg = OmegaConf.load(f"conf/augmentation/{name}.yaml")
     augment = build_augmentation(cfg, seed=0)
@@ -57,6 +57,39 @@ def test_strong_changes_colour_not_only_geometry():
     # geometry alone keeps each image's per-channel mean; stain and brightness jitter do not
     drift = np.abs(out.mean(axis=(1, 2)) - images.numpy().mean(axis=(1, 2)))
     assert drift.max() > 2
+
+
+@pytest.mark.parametrize("name", ["notebook", "strong", "pathology"])
+def test_augmentations_are_seeded_and_differ_between_batches(name):
+    augment = build_augmentation(OmegaConf.load(f"conf/augmentation/{name}.yaml"), seed=0)
+    images = _batch()
+    first = augment(images, tf.constant([1, 2], tf.int64)).numpy()
+    assert np.array_equal(first, augment(images, tf.constant([1, 2], tf.int64)).numpy())
+    assert not np.array_equal(first, augment(images, tf.constant([1, 3], tf.int64)).numpy())
+
+
+def test_notebook_with_nothing_to_do_but_flips_only_flips():
+    cfg = OmegaConf.create({"name": "notebook", "rotation_degrees": 0, "shift": 0, "zoom": 0})
+    images = _batch(32)
+    out = build_augmentation(cfg, seed=0)(images, tf.constant([5, 6], tf.int64)).numpy()
+    for original, augmented in zip(images.numpy(), out):
+        flips = [original, original[::-1], original[:, ::-1], original[::-1, ::-1]]
+        assert any(np.allclose(augmented, view, atol=1e-3) for view in flips)
+
+
+def test_pathology_recompresses_as_jpeg_and_adds_blur_and_noise():
+    from histo_transfer.augment import _jpeg_recompress
+
+    smooth = np.tile(np.linspace(0, 255, 96, dtype=np.float32)[None, :, None], (96, 1, 3))[None].repeat(4, 0)
+    out = _jpeg_recompress(tf.constant(smooth), tf.constant([1, 2], tf.int64), 1.0, 5, 5).numpy()
+    assert np.abs(out - smooth).mean() > 1  # quality 5: visible loss
+    kept = _jpeg_recompress(tf.constant(smooth), tf.constant([1, 2], tf.int64), 0.0, 5, 5).numpy()
+    assert np.array_equal(kept, np.round(smooth))  # probability 0: untouched
+    cfg = OmegaConf.load("conf/augmentation/pathology.yaml")
+    images = _batch()
+    out = build_augmentation(cfg, seed=0)(images, tf.constant([1, 2], tf.int64)).numpy()
+    drift = np.abs(out.mean(axis=(1, 2)) - images.numpy().mean(axis=(1, 2)))
+    assert drift.max() > 2  # colour, not only geometry
 
 
 def test_none_is_no_augmentation():

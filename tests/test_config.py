@@ -36,13 +36,24 @@ def pcam_root(tmp_path):
     return tmp_path
 
 
+@pytest.fixture
+def data_roots(kaggle_root, pcam_root, tmp_path):
+    """A small folder of each data source's layout, by source name."""
+    for split in ("train", "valid"):
+        for name in ("0", "1"):
+            (tmp_path / "folders" / split / name).mkdir(parents=True)
+    return {"kaggle": kaggle_root, "pcam_h5": pcam_root, "folders": tmp_path / "folders"}
+
+
+def with_data_root(overrides: list[str], roots: dict) -> list[str]:
+    """`overrides` plus the data.root its data source needs (experiments bring their own source)."""
+    source = compose_config(overrides).data.name
+    return [*overrides, f"data.root={roots[source]}"] if source in roots else overrides
+
+
 @pytest.mark.parametrize(("group", "option"), list(_options()))
-def test_every_group_option_composes_and_validates(group, option, kaggle_root, pcam_root, tmp_path):
-    overrides = [f"{group}={option}"]
-    if (group, option) == ("data", "pcam_h5"):
-        overrides.append(f"data.root={pcam_root}")
-    elif group == "experiment" or (group, option) == ("data", "kaggle"):
-        overrides.append(f"data.root={kaggle_root}")  # experiments bring their own data option
+def test_every_group_option_composes_and_validates(group, option, data_roots, tmp_path):
+    overrides = with_data_root([f"{group}={option}"], data_roots)
     if group == "experiment":
         weights = tmp_path / "w.h5"
         weights.write_bytes(b"stand-in")
@@ -54,10 +65,10 @@ def test_every_group_option_composes_and_validates(group, option, kaggle_root, p
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
-def test_every_experiment_builds_its_model(experiment, kaggle_root):
+def test_every_experiment_builds_its_model(experiment, data_roots):
     from histo_transfer.models.classifier import build_classifier
 
-    cfg = compose_config([f"experiment={experiment}", f"data.root={kaggle_root}", "backbone.weights=null"])
+    cfg = compose_config(with_data_root([f"experiment={experiment}", "backbone.weights=null"], data_roots))
     validate(cfg)
     model, backbone = build_classifier(cfg.backbone, cfg.head)
     assert model.input_shape == (None, 96, 96, 3) and model.output_shape == (None, 1)

@@ -40,7 +40,7 @@ def artifact_csv(run_id, path, uri):
 def cv_run(tmp_path_factory):
     """One 3-fold CV of the tiny model on 160 built-in patches, through `python train.py`."""
     tmp = tmp_path_factory.mktemp("cv")
-    result = run_cli([*TINY_CV, *store_overrides(tmp)])
+    result = run_cli([*TINY_CV, "cv.tta=flips", *store_overrides(tmp)])
     assert result.returncode == 0, result.stderr[-3000:]
     uri = f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"
     client, parent, folds = runs_of(uri)
@@ -67,7 +67,7 @@ def test_out_of_fold_predictions_cover_every_patch_once_and_give_the_honest_auc(
     parent, uri = cv_run["parent"], cv_run["uri"]
     assignment = artifact_csv(parent.info.run_id, "cv/folds.csv", uri)
     oof = artifact_csv(parent.info.run_id, "cv/oof_predictions.csv", uri)
-    assert list(oof.columns) == ["id", "label", "fold", "probability"]
+    assert list(oof.columns) == ["id", "label", "fold", "probability", "probability_flips"]
     assert len(oof) == 160 and oof["id"].is_unique and set(oof["id"]) == set(assignment["id"])
     assert oof.set_index("id")["fold"].to_dict() == assignment.set_index("id")["fold"].to_dict()
     for fold in cv_run["folds"]:  # each fold's predictions are its own validation patches
@@ -76,6 +76,9 @@ def test_out_of_fold_predictions_cover_every_patch_once_and_give_the_honest_auc(
         assert set(mine["id"]) == set(oof.loc[oof["fold"] == number, "id"])
     assert parent.data.metrics["oof_auc"] == pytest.approx(roc_auc_score(oof["label"], oof["probability"]))
     assert parent.data.metrics["oof_auc_ci_low"] <= parent.data.metrics["oof_auc"] <= parent.data.metrics["oof_auc_ci_high"]
+    # cv.tta=flips: each fold's model again on its own fold, 4 views averaged
+    assert parent.data.metrics["oof_auc_tta"] == pytest.approx(roc_auc_score(oof["label"], oof["probability_flips"]))
+    assert not np.allclose(oof["probability_flips"], oof["probability"])
 
 
 def test_groups_never_share_a_fold_and_stay_stratified():

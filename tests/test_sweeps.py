@@ -127,3 +127,14 @@ def test_launcher_configs_compose_against_their_plugins():
     assert get_class(slurm.hydra.launcher._target_).__name__ == "SlurmLauncher"
     assert get_class(parallel.hydra.launcher._target_).__name__ == "JoblibLauncher"
     assert ray.hydra.launcher._target_.endswith("RayLauncher")  # hydra-ray-launcher is an optional extra
+
+
+def test_a_sweep_over_data_frac_plots_a_learning_curve(tmp_path):
+    result = run_cli(["-m", *TINY_SWEEP, *store_overrides(tmp_path), "data.frac=0.25,1.0"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    client, parent, children = sweep_runs(tmp_path)
+    table = summary(client, parent).sort_values("n_train")
+    assert table["data.frac"].tolist() == [0.25, 1.0] and table["n_train"].tolist() == [32, 128]
+    path = mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="summary/learning_curve.png",
+                                               tracking_uri=client.tracking_uri)
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -68,10 +69,34 @@ def test_run_logs_config_plots_summary_and_models(trained_run):
     assert "probability" in mlflow.artifacts.load_text(f"runs:/{run_id}/model/summary.txt")
     local = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/plots/training_curves.png")
     assert open(local, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    grid = Image.open(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/plots/augmentation_examples.png"))
+    assert grid.size == (1024, 544)  # 8 patches as stored and in 3 augmented draws (augmentation=basic)
     [logged] = mlflow.search_logged_models(experiment_ids=[trained_run["run"].info.experiment_id], output_format="list")
     assert logged.source_run_id == run_id and logged.name == "classifier"
     # artifacts live beside the SQLite database, not in the working directory
     assert (trained_run["tmp"] / "mlruns" / "artifacts").is_dir()
+
+
+def test_run_shows_in_the_ui_with_datasets_system_metrics_timing_and_a_description(trained_run):
+    run, client = trained_run["run"], MlflowClient(trained_run["uri"])
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on runs, not GenAI
+    inputs = {i.tags[0].value: i.dataset for i in client.get_run(run.info.run_id).inputs.dataset_inputs}
+    assert set(inputs) == {"training", "validation"}
+    n = {"training": run.data.metrics["n_train"], "validation": run.data.metrics["n_val"]}
+    for context, dataset in inputs.items():
+        assert dataset.name == f"synthetic-{context}" and dataset.digest == run.data.tags["dataset_fingerprint"]
+        assert json.loads(dataset.source)["uri"].endswith("v2_160x8") and '"label"' in dataset.schema and '"id"' in dataset.schema
+        assert json.loads(dataset.profile)["num_rows"] == n[context]
+    assert any(name.startswith("system/cpu_utilization") for name in run.data.metrics)
+    for name in ("time/epoch_s", "throughput/train_images_per_s"):
+        history = client.get_metric_history(run.info.run_id, name)
+        assert sorted(m.step for m in history) == [1, 2] and all(m.value > 0 for m in history)
+    note = run.data.tags["mlflow.note.content"]
+    assert "**tiny_cnn**" in note and "128 training and 32 validation patches" in note
+    assert f"{run.data.metrics['best_val_auc']:.4f}" in note and "s of wall time" in note
 
 
 def test_saved_model_loads_without_the_project_and_reproduces_predictions(trained_run, tmp_path):

@@ -8,7 +8,7 @@ run with the same trainer.seed sees the same augmentations. The model casts its 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, List
 
 import numpy as np
 
@@ -17,6 +17,7 @@ from histo_transfer.options import Options, between
 # TensorFlow is imported inside the functions: config validation reads this registry first.
 Augment = Callable  # (images, stateless seed pair) -> images, as TensorFlow ops
 AUGMENTATIONS = Options("augmentation")
+NOISE_TILES = 64  # pathology's bank of noise patterns
 
 # Ruifrok & Johnston stain vectors (rows: haematoxylin, eosin, DAB) in optical density.
 _RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float32)
@@ -115,17 +116,124 @@ def brightness_contrast(images, pair, brightness: float, contrast: float):
 
 @AUGMENTATIONS.register("notebook", NotebookKeys)
 def notebook(cfg, seed: int) -> Augment:
-    """ImageDataGenerator-style flips, rotation, shift and zoom with nearest fill, via Keras layers."""
-    import keras
+    """ImageDataGenerator-style flips, rotation, shift and zoom with nearest fill, composed into ONE
+    affine transform per image: one resampling pass instead of one per layer (3x less work)."""
     import tensorflow as tf
 
-    layers = keras.Sequential([
-        keras.layers.RandomFlip("horizontal_and_vertical", seed=seed),
-        keras.layers.RandomRotation(cfg.rotation_degrees / 360, fill_mode="nearest", seed=seed + 1),
-        keras.layers.RandomTranslation(cfg.shift, cfg.shift, fill_mode="nearest", seed=seed + 2),
-        keras.layers.RandomZoom(cfg.zoom, fill_mode="nearest", seed=seed + 3),
-    ])
+    def augment(images, pair):
+        images = tf.cast(images, tf.float32)
+        count, size = tf.shape(images)[0], tf.cast(tf.shape(images)[1], tf.float32)
+
+        def uniform(offset, low, high):
+            return tf.random.stateless_uniform([count], seed=pair + offset, minval=low, maxval=high)
+
+        angle = uniform(1, -cfg.rotation_degrees, cfg.rotation_degrees) * (np.pi / 180)
+        scale = uniform(2, 1 - cfg.zoom, 1 + cfg.zoom)
+        shift_x, shift_y = uniform(3, -cfg.shift, cfg.shift) * size, uniform(4, -cfg.shift, cfg.shift) * size
+        flip_x = tf.where(uniform(5, 0, 1) < 0.5, -1.0, 1.0)
+        flip_y = tf.where(uniform(6, 0, 1) < 0.5, -1.0, 1.0)
+        # output pixel p reads input pixel A (p - c) + c + shift, with A = rotation . zoom . flips
+        cos, sin = tf.cos(angle) * scale, tf.sin(angle) * scale
+        a00, a01, a10, a11 = cos * flip_x, -sin * flip_y, sin * flip_x, cos * flip_y
+        centre = (size - 1) / 2
+        b0 = centre - a00 * centre - a01 * centre + shift_x
+        b1 = centre - a10 * centre - a11 * centre + shift_y
+        zeros = tf.zeros_like(a00)
+        transforms = tf.stack([a00, a01, b0, a10, a11, b1, zeros, zeros], axis=1)
+        return tf.raw_ops.ImageProjectiveTransformV3(
+            images=images, transforms=transforms, output_shape=tf.shape(images)[1:3], fill_value=0.0,
+            interpolation="BILINEAR", fill_mode="NEAREST")
+    return augment
+
+
+@dataclass
+class PathologyKeys(AugmentationKeys):
+    stain_sigma: float = between(0, 1)
+    hue: float = between(0, 0.5)
+    saturation: float = between(0, 1)
+    blur_probability: float = between(0, 1)
+    blur_sigma: float = between(0, 5, low_open=True)
+    noise_std: float = between(0, 255)
+    jpeg_probability: float = between(0, 1)
+    jpeg_quality: List[int]
+
+
+@AUGMENTATIONS.register("pathology", PathologyKeys)
+def pathology(cfg, seed: int) -> Augment:
+    """For other labs and scanners: dihedral views, stronger per-stain HED jitter, hue and saturation,
+    Gaussian blur, Gaussian noise and JPEG re-compression at a random quality; float32 out."""
+    import tensorflow as tf
+
+    low_quality, high_quality = cfg.jpeg_quality
+    kernel = _gaussian_kernel(cfg.blur_sigma)
+    # Drawing fresh normal noise for every pixel costs more than all the other steps together on a
+    # CPU; a seeded bank of unit-noise tiles, one picked and scaled per image, costs a gather.
+    bank = tf.constant(np.random.default_rng(seed).standard_normal((NOISE_TILES, 96, 96, 3)), tf.float32)
 
     def augment(images, pair):
-        return layers(tf.cast(images, tf.float32), training=True)
+        images = tf.cast(random_dihedral(images, pair), tf.float32)
+        count = tf.shape(images)[0]
+
+        def per_image(offset, low, high, shape=(1, 1, 1)):
+            return tf.random.stateless_uniform([count, *shape], seed=pair + offset, minval=low, maxval=high)
+
+        images = stain_jitter(images, pair + 1, cfg.stain_sigma)
+        hsv = tf.image.rgb_to_hsv(images / 255.0)
+        hue = tf.math.floormod(hsv[..., :1] + per_image(2, -cfg.hue, cfg.hue), 1.0)
+        saturation = tf.clip_by_value(hsv[..., 1:2] * per_image(3, 1 - cfg.saturation, 1 + cfg.saturation), 0, 1)
+        images = tf.image.hsv_to_rgb(tf.concat([hue, saturation, hsv[..., 2:]], axis=-1)) * 255.0
+        # blur: a per-image share of the blurred batch, for a random share of the images
+        blurred = tf.nn.depthwise_conv2d(images, kernel, strides=[1, 1, 1, 1], padding="SAME")
+        strength = per_image(4, 0, 1) * tf.cast(per_image(5, 0, 1) < cfg.blur_probability, tf.float32)
+        images = images + strength * (blurred - images)
+        tile = tf.random.stateless_uniform([count], seed=pair + 6, maxval=NOISE_TILES, dtype=tf.int32)
+        noise = tf.gather(bank, tile) * per_image(7, 0, cfg.noise_std)
+        images = tf.clip_by_value(images + noise, 0, 255)
+        return _jpeg_recompress(images, pair + 8, cfg.jpeg_probability, low_quality, high_quality)
     return augment
+
+
+def _gaussian_kernel(sigma: float):
+    radius = max(1, int(round(2 * sigma)))
+    weights = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    weights = np.outer(weights, weights) / np.outer(weights, weights).sum()
+    return np.repeat(weights[:, :, None, None], 3, axis=2).astype(np.float32)  # (k, k, 3 channels, 1)
+
+
+def _jpeg_recompress(images, pair, probability: float, low: int, high: int):
+    """Encode and decode a random share of the images as JPEG at a quality drawn in [low, high]."""
+    import tensorflow as tf
+
+    count = tf.shape(images)[0]
+    chosen = tf.random.stateless_uniform([count], seed=pair, minval=0, maxval=1) < probability
+    qualities = tf.random.stateless_uniform([count], seed=pair + 1, minval=low, maxval=high + 1, dtype=tf.int32)
+    pixels = tf.cast(tf.round(images), tf.uint8)
+
+    def recompress(item):
+        image, quality, apply = item
+        return tf.cond(apply, lambda: tf.image.adjust_jpeg_quality(image, quality), lambda: image)
+
+    out = tf.map_fn(recompress, (pixels, qualities, chosen), fn_output_signature=tf.uint8)
+    return tf.cast(out, tf.float32)
+
+
+def plot_examples(augment: Augment | None, images: np.ndarray, path, name: str, draws: int = 3) -> None:
+    """A grid: the patches as stored (top row), then `draws` augmented versions of each (seeded)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import tensorflow as tf
+
+    rows = [images] + [np.clip(augment(tf.constant(images), tf.constant([draw, 0], tf.int64)).numpy(), 0, 255)
+                       .astype(np.uint8) for draw in range(1, draws + 1)] if augment is not None else [images]
+    fig, axes = plt.subplots(len(rows), len(images), figsize=(1.6 * len(images), 1.7 * len(rows)), squeeze=False)
+    for row, batch in enumerate(rows):
+        for column, image in enumerate(batch):
+            axes[row, column].imshow(image)
+            axes[row, column].axis("off")
+        axes[row, 0].set_title("stored" if row == 0 else f"draw {row}", fontsize=8, loc="left")
+    fig.suptitle(f"augmentation={name}: training patches as stored and as the model sees them")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -41,6 +41,7 @@ class TrainerKeys:
     overfit_batches: int = between(0)
     bn_recalibration_batches: int = between(0)
     profile_batches: Optional[List[int]]
+    progress: str = one_of(("auto", "bar", "epoch", "none"))
 
 
 @dataclass
@@ -57,6 +58,8 @@ class TrackingKeys:
     run_name: Optional[str]
     tags: Dict[str, Any]
     register_best: Optional[str]
+    system_metrics: bool
+    system_metrics_interval: float = between(0, low_open=True)
 
 
 def validate(cfg: DictConfig) -> None:

@@ -21,7 +21,8 @@ from omegaconf import DictConfig, open_dict
 
 from histo_transfer.context import RunContext
 from histo_transfer.errors import ConfigError
-from histo_transfer.options import Options, between
+from histo_transfer.inference import TTA
+from histo_transfer.options import Options, between, one_of
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class KFoldKeys:
     name: str
     folds: int = between(2)
     fold: Optional[int] = between(0)  # null: every fold in this process
+    tta: str = one_of(TTA)  # also score the out-of-fold predictions with this test-time augmentation
 
 
 def _check(node, assign) -> None:
@@ -132,6 +134,13 @@ def summarise(parent, folds: dict[int, object], patches, cfg) -> float:
     positions = np.array([index[image_id] for image_id in oof["id"]])
     order = np.argsort(positions)  # in cache order: sequential reads of the memory map
     images = patches.images[positions[order]]
+    tta_scores = {}
+    if cfg.cv.tta != "none":  # each fold's model again on its own fold, with test-time augmentation
+        oof[f"probability_{cfg.cv.tta}"] = _oof_with_tta(folds, oof, positions, patches, cfg.cv.tta)
+        with_tta = oof[f"probability_{cfg.cv.tta}"].to_numpy()
+        tta_low, tta_high = bootstrap_auc_ci(labels, with_tta, cfg.data.seed)
+        tta_scores = {"oof_auc_tta": float(roc_auc_score(labels, with_tta)), "oof_auc_tta_ci_low": tta_low,
+                      "oof_auc_tta_ci_high": tta_high}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         oof.to_csv(out / "oof_predictions.csv", index=False)
@@ -144,12 +153,32 @@ def summarise(parent, folds: dict[int, object], patches, cfg) -> float:
     scores = {"cv_auc_mean": float(np.nanmean(per_fold)), "cv_auc_std": float(np.nanstd(per_fold)),
               "oof_auc": oof_auc, "oof_auc_ci_low": low, "oof_auc_ci_high": high,
               # what sweeps over recipes rank by: the honest out-of-fold number, not one fold's best epoch
-              "best_val_auc": oof_auc, **{f"eval/{k}": v for k, v in metrics.items()}}
+              "best_val_auc": oof_auc, **tta_scores, **{f"eval/{k}": v for k, v in metrics.items()}}
     for key, value in scores.items():
         client.log_metric(parent.run_id, key, value)
+    tta = (f" With {cfg.cv.tta} test-time augmentation: **{tta_scores['oof_auc_tta']:.4f}** "
+           f"({tta_scores['oof_auc_tta_ci_low']:.4f}-{tta_scores['oof_auc_tta_ci_high']:.4f})." if tta_scores else "")
+    client.set_tag(parent.run_id, "mlflow.note.content", "\n".join([
+        f"{len(folds)}-fold cross-validation of **{cfg.backbone.name}** on **{cfg.data.name}** ({len(oof):,} patches). "
+        f"Out-of-fold AUC **{oof_auc:.4f}** (95 % CI {low:.4f}-{high:.4f}).{tta}", "",
+        "| fold | run | val AUC (best epoch) |", "| --- | --- | --- |",
+        *[f"| {k} | `{folds[k].info.run_id}` | {v:.4f} |" for k, v in zip(sorted(folds), per_fold)],
+        f"| mean +- std | | {np.nanmean(per_fold):.4f} +- {np.nanstd(per_fold):.4f} |"]))
     log.info("CV %s: out-of-fold AUC %.4f (95 %% CI %.4f-%.4f), folds %.4f +- %.4f", parent.run_id, oof_auc, low,
              high, scores["cv_auc_mean"], scores["cv_auc_std"])
     return oof_auc
+
+
+def _oof_with_tta(folds: dict, oof, positions: np.ndarray, patches, tta: str) -> np.ndarray:
+    from histo_transfer.inference import predict_probabilities
+    from histo_transfer.registry import load_model
+
+    out = np.zeros(len(oof), dtype=np.float32)
+    for number, child in folds.items():
+        rows = np.flatnonzero(oof["fold"].to_numpy() == number)
+        model = load_model(child.info.run_id).model
+        out[rows] = predict_probabilities(model, patches.images[positions[rows]], tta=tta, progress=False)
+    return out
 
 
 def plot_folds(per_fold: np.ndarray, oof_auc: float, path: Path) -> None:

@@ -80,7 +80,7 @@ def predict_probabilities(model, images, batch_size: int = 256, tta: str = "none
         return tf.reduce_mean(tf.reshape(probabilities, [len(batches), -1]), axis=0)
 
     out = np.empty(len(images), dtype=np.float32)
-    with tqdm(total=len(images), desc=f"predicting (tta={tta})", unit="img", disable=not progress) as bar:
+    with tqdm(total=len(images), desc=f"predicting (tta={tta})", unit="img", disable=None if progress else True) as bar:
         for start in range(0, len(images), batch_size):
             batch = np.asarray(images[start:start + batch_size])
             out[start:start + len(batch)] = step(tf.constant(batch)).numpy()

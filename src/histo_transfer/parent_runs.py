@@ -21,7 +21,7 @@ from histo_transfer.objective import Objective
 log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
-RESULT_METRICS = ("best_val_loss", "best_val_accuracy", "best_val_auc", "best_epoch")
+RESULT_METRICS = ("best_val_loss", "best_val_accuracy", "best_val_auc", "best_epoch", "n_train")
 
 
 class ParentRun:
@@ -85,9 +85,12 @@ class ParentRun:
                 self.client.set_tag(self.run_id, f"best.{key}", str(best[key]))
             else:
                 self.client.log_param(self.run_id, f"best.{key}", best[key])
+        self.client.set_tag(self.run_id, "mlflow.note.content", describe(table, self.objective))
         with tempfile.TemporaryDirectory() as tmp:
             table.to_csv(Path(tmp) / f"{name}.csv", index=False)
             plot_summary(table, Path(tmp) / f"{name}.png")
+            if "data.frac" in table.columns and table["n_train"].notna().sum() > 1:
+                plot_learning_curve(table, self.objective, Path(tmp) / "learning_curve.png")
             self.client.log_artifacts(self.run_id, tmp, "summary")
         log.info("parent run %s: best %s %.4f by %s", self.run_id, self.objective.metric,
                  best[self.objective.best_metric], best["job"])
@@ -132,6 +135,21 @@ def summary_table(runs, objective: Objective):
     return table
 
 
+def describe(table, objective: Objective) -> str:
+    """The parent's description in the UI: the best child, then every child's result (markdown)."""
+    best = table.iloc[0]
+    lines = [f"{len(table)} runs. Best by {objective.metric}: **{best[objective.best_metric]:.4f}**, "
+             f"{best['job']} (run `{best['run_id']}`).", "",
+             "| run | status | val AUC | val loss | val accuracy | best epoch |", "| --- | --- | --- | --- | --- | --- |"]
+    for _, row in table.iterrows():
+        cells = [f"{row[m]:.4f}" if row[m] == row[m] and row[m] is not None else "-"
+                 for m in ("best_val_auc", "best_val_loss", "best_val_accuracy")]
+        epoch = "-" if row["best_epoch"] != row["best_epoch"] or row["best_epoch"] is None else int(row["best_epoch"])
+        lines.append(f"| {'**' if row['best'] else ''}{row['job']}{'**' if row['best'] else ''} | {row['status']} | "
+                     f"{' | '.join(cells)} | {epoch} |")
+    return "\n".join(lines)
+
+
 def plot_summary(table, path: Path) -> None:
     """Grouped bars of validation loss, accuracy and AUC per child."""
     import matplotlib
@@ -151,6 +169,29 @@ def plot_summary(table, path: Path) -> None:
                   rotation=20, ha="right", fontsize=8)
     ax.set(title="Validation metrics per job (* best)")
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_learning_curve(table, objective: Objective, path: Path) -> None:
+    """The objective against the number of training patches (log x): a sweep over data.frac."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = table[table["status"] == "FINISHED"].dropna(subset=["n_train", objective.best_metric])
+    points = points.sort_values("n_train")
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.plot(points["n_train"], points[objective.best_metric], marker="o")
+    for _, row in points.iterrows():
+        ax.annotate(f"{row[objective.best_metric]:.3f}", (row["n_train"], row[objective.best_metric]),
+                    textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
+    ax.set_xscale("log")
+    ax.set(xlabel="training patches (log scale)", ylabel=f"{objective.metric} (best epoch)",
+           title="Learning curve")
+    ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -49,7 +49,10 @@ def predict(cfg: DictConfig, context=None) -> Path:
     patches.usable("error")  # every test patch must be scored
     expected = _sample_submission_ids(root)
     tags = {"kind": "predict", "tta": cfg.tta, "data_root": str(root), **_model_tags(cfg, members)}
-    with tracking.tracked_run(experiment_id, f"predict {cfg.data.name} tta={cfg.tta}", tags):
+    with tracking.tracked_run(experiment_id, f"predict {cfg.data.name} tta={cfg.tta}", tags,
+                              system_metrics=cfg.tracking.system_metrics):
+        tracking.log_dataset(patches.ids, patches.labels, root, f"{cfg.data.name}-test",
+                             patches.folder.name.rsplit("-", 1)[-1], "test")
         started = time.perf_counter()
         probabilities = ensemble_probabilities([m.model for m in members], patches.images, cfg.batch_size, cfg.tta,
                                                cfg.ensemble.method)
@@ -98,8 +101,10 @@ def evaluate(cfg: DictConfig, context=None) -> dict[str, float]:
     labels = patches.labels[indices]
     tags = {"kind": "evaluate", "tta": cfg.tta, "eval_split": split, "data_root": str(root),
             **_model_tags(cfg, members)}
-    with tracking.tracked_run(experiment_id, f"evaluate {cfg.data.name}:{split} tta={cfg.tta}", tags), \
-            tempfile.TemporaryDirectory() as tmp:
+    with tracking.tracked_run(experiment_id, f"evaluate {cfg.data.name}:{split} tta={cfg.tta}", tags,
+                              system_metrics=cfg.tracking.system_metrics), tempfile.TemporaryDirectory() as tmp:
+        tracking.log_dataset(patches.ids[indices], labels, root, f"{cfg.data.name}-{split}",
+                             patches.folder.name.rsplit("-", 1)[-1], "evaluation")
         probabilities = ensemble_probabilities([m.model for m in members], images, cfg.batch_size, cfg.tta,
                                                cfg.ensemble.method)
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,6 +177,13 @@ def interrupt_between_batches():
         raise KeyboardInterrupt
 
 
+def progress_verbosity(progress: str) -> int:
+    """Keras' verbose for trainer.progress: a per-step bar in a terminal, one line per epoch in logs."""
+    if progress == "auto":
+        progress = "bar" if sys.stdout.isatty() else "epoch"
+    return {"bar": 1, "epoch": 2, "none": 0}[progress]
+
+
 class TrainingSession:
     """The data of one training (a run, a trial, a fold), its datasets, model and fit loop."""
 
@@ -240,7 +248,8 @@ class TrainingSession:
         with interrupt_between_batches() as stop_on_interrupt:
             history = model.fit(self.train_dataset(initial_epoch, epochs), validation_data=val_ds, epochs=epochs,
                                 initial_epoch=initial_epoch, steps_per_epoch=self.steps,
-                                callbacks=[*every, stop_on_interrupt], shuffle=False, verbose=2)
+                                callbacks=[*every, stop_on_interrupt], shuffle=False,
+                                verbose=progress_verbosity(trainer.progress))
         return FitResult(best.best_epoch, best.best_logs,
                          {k: [float(v) for v in values] for k, values in history.history.items()})
 

@@ -7,6 +7,7 @@ import logging
 import re
 import subprocess
 import traceback
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -18,18 +19,25 @@ from histo_transfer.errors import TrainingInterrupted
 log = logging.getLogger(__name__)
 
 
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI then opens on runs, not GenAI
+
+
 def setup(tracking_cfg) -> str:
-    """Point MLflow at the configured store and return the experiment's id, creating it if needed."""
+    """Point MLflow at the configured store and return the experiment's id, creating it if needed;
+    sets system-metrics sampling for the runs to come."""
     uri = tracking_cfg.uri
     mlflow.set_tracking_uri(uri)
+    mlflow.set_system_metrics_sampling_interval(tracking_cfg.get("system_metrics_interval", 10))
     name = tracking_cfg.experiment
     experiment = mlflow.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return mlflow.create_experiment(name, artifact_location=artifact_location(uri))
-    except MlflowException:  # created meanwhile by a parallel job
-        return mlflow.get_experiment_by_name(name).experiment_id
+    if experiment is None:
+        try:
+            return mlflow.create_experiment(name, artifact_location=artifact_location(uri), tags=EXPERIMENT_KIND)
+        except MlflowException:  # created meanwhile by a parallel job
+            experiment = mlflow.get_experiment_by_name(name)
+    if "mlflow.experimentKind" not in experiment.tags:  # made by an older version of this project
+        mlflow.tracking.MlflowClient().set_experiment_tag(experiment.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+    return experiment.experiment_id
 
 
 def artifact_location(uri: str) -> str | None:
@@ -87,12 +95,14 @@ def git_commit(folder: Path) -> str:
 
 @contextlib.contextmanager
 def tracked_run(experiment_id: str, run_name: str | None, tags: dict[str, str], run_id: str | None = None,
-                nested: bool = False):
+                nested: bool = False, system_metrics: bool = False):
     """An MLflow run that always ends: FINISHED, FAILED (with the error as tag and artifact) or KILLED.
 
-    With `run_id`, an existing run is continued (a resumed search); `nested` opens a child of the active run.
+    With `run_id`, an existing run is continued (a resumed search); `nested` opens a child of the active run;
+    `system_metrics` samples CPU, memory, disk, network (and GPU) into it.
     """
-    run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=run_name, tags=tags, nested=nested)
+    run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=run_name, tags=tags, nested=nested,
+                           log_system_metrics=system_metrics)
     log.info("MLflow run %s (%s) in %s", run.info.run_id, run.info.run_name, redact_uri(mlflow.get_tracking_uri()))
     try:
         yield run
@@ -110,18 +120,48 @@ def tracked_run(experiment_id: str, run_name: str | None, tags: dict[str, str], 
         mlflow.end_run("FINISHED")
 
 
-def epoch_metrics_callback(names: tuple[str, ...]):
-    """A Keras callback logging `names` and the learning rate at step = epoch number (1-based)."""
+def epoch_metrics_callback(names: tuple[str, ...], images_per_epoch: int | None = None):
+    """A Keras callback logging `names`, the learning rate and the epoch's timing at step = epoch number
+    (1-based): `time/epoch_s` (training and validation) and `throughput/train_images_per_s` (training
+    steps only), so the UI shows whether a run is input- or compute-bound."""
+    import time
+
     import keras  # here, not at module level: EDA and data scripts use this module without TensorFlow
 
     class EpochMetrics(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started, self.trained = time.perf_counter(), None
+
+        def on_test_begin(self, logs=None):
+            if getattr(self, "trained", 0) is None:  # the first validation of this epoch
+                self.trained = time.perf_counter()
+
         def on_epoch_end(self, epoch, logs=None):
-            logs = logs or {}
+            logs, now = logs or {}, time.perf_counter()
             metrics = {name: float(logs[name]) for name in names if name in logs}
             metrics["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            metrics["time/epoch_s"] = now - self.started
+            if images_per_epoch:
+                metrics["throughput/train_images_per_s"] = images_per_epoch / ((self.trained or now) - self.started)
             mlflow.log_metrics(metrics, step=epoch + 1)
 
     return EpochMetrics()
+
+
+def describe(lines: list[str]) -> None:
+    """The active run's description in the UI (markdown)."""
+    mlflow.set_tag("mlflow.note.content", "\n".join(lines))
+
+
+def log_dataset(ids, labels, root: Path, name: str, digest: str, context: str) -> None:
+    """What a run trained, validated or scored on, as an MLflow dataset input: `id,label` rows."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"id": [str(i) for i in ids], "label": [int(v) for v in labels]})
+    with warnings.catch_warnings():  # a record of the data, not a model signature: integer labels are right
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+        dataset = mlflow.data.from_pandas(frame, source=str(root), name=name, digest=digest, targets="label")
+    mlflow.log_input(dataset, context=context)
 
 
 def backfill_epochs(run_id: str, history: list[dict[str, float]], names: tuple[str, ...]) -> None:

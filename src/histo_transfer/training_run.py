@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +78,8 @@ def run_training(cfg: DictConfig, context: RunContext, *, parent_run_id: str | N
     run_name = run_name or cfg.tracking.run_name or tracking.run_name_from_overrides(list(context.overrides))
     try:
         with tracking.tracked_run(experiment_id, run_name, run_tags, nested=nested,
-                                  run_id=resumed.progress.run_id if resumed else None) as run:
+                                  run_id=resumed.progress.run_id if resumed else None,
+                                  system_metrics=cfg.tracking.system_metrics) as run:
             best = _run(cfg, context, run.info.run_id, checkpoints, resumed, fold)
     except KeyboardInterrupt:
         raise TrainingInterrupted("the run ended KILLED, its last completed epoch is saved; resume with: "
@@ -111,11 +113,12 @@ def _run(cfg: DictConfig, context: RunContext, run_id: str, checkpoints, resumed
     mlflow.set_tags({"precision_policy": configure_precision(cfg.trainer.mixed_precision),
                      "replicas": str(strategy.num_replicas_in_sync)})
     keras.utils.set_random_seed(cfg.trainer.seed + progress.epoch)
+    started = time.perf_counter()
     data = load_training_data(cfg.data)
     if fold is not None:
         data = dataclasses.replace(data, train_indices=np.flatnonzero((fold.of_patch >= 0) & (fold.of_patch != fold.number)),
                                    val_indices=np.flatnonzero(fold.of_patch == fold.number))
-    _log_data(data)
+    _log_data(data, cfg.data.name)
     session = TrainingSession(cfg, data)
 
     with strategy.scope():
@@ -126,8 +129,11 @@ def _run(cfg: DictConfig, context: RunContext, run_id: str, checkpoints, resumed
         else:
             model, callbacks = resumed.model(), session.schedule_callbacks()
             best = BestEpoch(session.objective, progress.best_epoch, progress.best_logs, resumed.best_weights())
-    after_best = (EpochCheckpoint(checkpoints, best, progress), tracking.epoch_metrics_callback(EPOCH_METRICS))
+    after_best = (EpochCheckpoint(checkpoints, best, progress),
+                  tracking.epoch_metrics_callback(EPOCH_METRICS, session.steps * cfg.trainer.batch_size))
     with tempfile.TemporaryDirectory() as tmp:
+        if resumed is None:
+            _log_augmentation_examples(session, Path(tmp) / "augmentation_examples.png")
         profile = Path(tmp) / "profile"
         result = session.fit(model, initial_epoch=progress.epoch, best=best, callbacks=callbacks,
                              after_best=after_best, profile_dir=profile)
@@ -143,15 +149,38 @@ def _run(cfg: DictConfig, context: RunContext, run_id: str, checkpoints, resumed
         _log_evaluation(model, session, result, Path(tmp))
         tracking.log_keras_model(model, data.images[data.val_indices[:4]], Path(tmp))
     objective = session.objective
+    tracking.describe([
+        f"**{cfg.backbone.name}** (weights: {mlflow.get_run(run_id).data.tags.get('weights_source')}, "
+        f"{cfg.backbone.input_size} px) on **{cfg.data.name}** `{data.root}`: {len(session.train_indices):,} training "
+        f"and {len(session.val_indices):,} validation patches.",
+        f"Best {objective.metric} **{result.best[objective.metric]:.4f}** at epoch {result.best_epoch} of "
+        f"{cfg.trainer.epochs}; {time.perf_counter() - started:.0f} s of wall time"
+        + (" since the resume." if resumed else "."),
+    ])
     log.info("run %s finished: best %s %.4f at epoch %d", run_id, objective.metric, result.best[objective.metric],
              result.best_epoch)
     return result.best[objective.metric]
 
 
-def _log_data(data) -> None:
-    """What the run trained on: fingerprint, counts, and the patches left out."""
+def _log_augmentation_examples(session, path: Path) -> None:
     import mlflow
 
+    from histo_transfer.augment import plot_examples
+
+    shown = np.sort(session.train_indices[:8])
+    plot_examples(session.augment, session.data.images[shown], path, session.cfg.augmentation.name)
+    mlflow.log_artifact(str(path), "plots")
+
+
+def _log_data(data, source: str) -> None:
+    """What the run trained on: datasets (the UI's Dataset column), fingerprint, counts, the patches left out."""
+    import mlflow
+
+    from histo_transfer import tracking
+
+    for context, indices in (("training", data.train_indices), ("validation", data.val_indices)):
+        tracking.log_dataset(data.patches.ids[indices], data.labels[indices], data.root,
+                             f"{source}-{context}", data.fingerprint, context)
     mlflow.set_tags({"dataset_fingerprint": data.fingerprint, "data_root": str(data.root)})
     mlflow.log_metrics({"n_train": len(data.train_indices), "n_val": len(data.val_indices),
                         "n_bad_images": len(data.patches.bad), "n_unlisted_files": len(data.unlisted)})

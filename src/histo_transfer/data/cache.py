@@ -177,4 +177,5 @@ def _decode_chunk(task) -> tuple[int, dict[int, str]]:
 def progress(total: int, description: str):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=description, unit="img", unit_scale=True, mininterval=1.0)
+    # disable=None: a bar in a terminal, nothing in logs and CI
+    return tqdm(total=total, desc=description, unit="img", unit_scale=True, mininterval=1.0, disable=None)
