@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import keras
 import mlflow
 import numpy as np
@@ -106,6 +108,9 @@ def test_evaluate_reports_on_a_labelled_folder(trained):
             "evaluation/confusion.png", "evaluation/metrics.json"} <= names
     listing = read_labelled(trained["root"])
     assert metrics["positive_fraction"] == pytest.approx(listing.labels.mean())
+    [scored] = client.get_run(run.info.run_id).inputs.dataset_inputs  # what it scored, for the UI
+    assert scored.tags[0].value == "evaluation" and json.loads(scored.dataset.profile)["num_rows"] == 160
+    assert "cam_centre_fraction" in metrics  # one model: where it looks, on its true positives
 
 
 def test_registered_model_is_usable_by_alias_and_version(trained, tmp_path):
@@ -157,3 +162,33 @@ def test_mlflow_model_serving_answers_like_the_model(trained):
         answer = json.loads(urllib.request.urlopen(request, timeout=120).read())
     served = np.asarray(answer["predictions"], dtype=np.float32).reshape(-1)
     assert np.allclose(served, trained["model"].predict(images, verbose=0)[:, 0], atol=1e-5)
+
+
+def test_grad_cam_maps_and_the_centre_fraction(trained):
+    from histo_transfer.gradcam import centre_fraction, grad_cam
+
+    patches = np.random.default_rng(3).integers(0, 256, (4, 96, 96, 3), dtype=np.uint8)
+    heat = grad_cam(trained["model"], patches)
+    assert heat.shape == (4, 96, 96) and heat.min() >= 0 and np.allclose(heat.max(axis=(1, 2)), 1)
+    assert centre_fraction(np.ones((2, 96, 96))) == pytest.approx(32 * 32 / 96**2)
+    blob = np.zeros((1, 96, 96))
+    blob[0, 40:56, 40:56] = 1
+    assert centre_fraction(blob) == 1.0
+    metrics = trained["run"].data.metrics  # the training run's own report
+    assert 0 <= metrics["eval/cam_centre_fraction"] <= 1
+
+
+def test_explain_script_renders_chosen_patches(trained, tmp_path):
+    ids = read_labelled(trained["root"]).ids[:3].tolist()
+    output = tmp_path / "why.png"
+    keep = [o for o in trained["overrides"] if o.startswith(("data.", "paths.", "tracking."))]
+    result = run_cli([f"model={trained['run_id']}", f"ids=[{','.join(ids)}]", f"output={output}", *keep],
+                     script="scripts/explain.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    from PIL import Image
+
+    assert Image.open(output).size == (660, 480)  # 3 patches of 2.2 in at 100 dpi, as stored and under their heat maps
+    runs = MlflowClient(trained["uri"]).search_runs(["1"], filter_string="tags.kind = 'explain'")
+    assert len(runs) == 1 and runs[0].data.tags["source_run_id"] == trained["run_id"]
+    missing = run_cli([f"model={trained['run_id']}", "ids=[nope]", *keep], script="scripts/explain.py")
+    assert missing.returncode == 2 and "ids: 'nope' is not a patch" in missing.stderr

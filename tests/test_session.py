@@ -51,6 +51,18 @@ def test_ctrl_c_is_raised_at_the_next_batch_boundary_and_never_lost():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the usual handler is back
 
 
+def test_progress_is_a_bar_in_a_terminal_and_one_line_per_epoch_in_logs(monkeypatch):
+    import sys
+
+    from histo_transfer.session import progress_verbosity
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert progress_verbosity("auto") == 1  # Keras' per-step bar with rate and ETA
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    assert progress_verbosity("auto") == 2  # one line per epoch: logs and CI
+    assert (progress_verbosity("bar"), progress_verbosity("epoch"), progress_verbosity("none")) == (1, 2, 0)
+
+
 @pytest.mark.slow
 def test_debug_fast_gives_a_real_validation_auc_on_the_default_model(tmp_path):
     """MobileNetV2 from random initialisation, 5 steps: without BatchNorm recalibration its validation

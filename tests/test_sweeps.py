@@ -51,6 +51,8 @@ def test_grid_sweep_is_one_parent_with_nested_jobs_and_a_summary(tmp_path):
     assert parent.data.params["best.optimizer.lr"] == best.data.params["optimizer.lr"]
     assert {"summary/sweep_summary.csv", "summary/sweep_summary.png"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
+    note = parent.data.tags["mlflow.note.content"]  # the parent's description in the UI
+    assert f"run `{best.info.run_id}`" in note and note.count("| FINISHED |") == 4
     champion = client.get_model_version_by_alias("sweep-best", "champion")  # tracking.register_best
     assert champion.run_id == best.info.run_id
 

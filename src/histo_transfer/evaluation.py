@@ -15,19 +15,24 @@ matplotlib.use("Agg")  # files only; no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
+
+from histo_transfer.gradcam import centre_fraction, overlay  # noqa: E402
 from sklearn.metrics import (  # noqa: E402
     average_precision_score, brier_score_loss, confusion_matrix, precision_recall_curve, roc_auc_score, roc_curve)
 
 CALIBRATION_BINS = 10
 BOOTSTRAP_SAMPLES = 1000
 ERROR_GRID = 8  # most confident false positives / negatives shown
+CAM_SAMPLE = 64  # true positives whose heat maps give cam_centre_fraction
 
 
 def write_report(labels: np.ndarray, probabilities: np.ndarray, images, out: Path, seed: int = 0,
-                 ids=None) -> dict[str, float]:
+                 ids=None, explain=None) -> dict[str, float]:
     """ROC/PR curves, AUC with bootstrap 95 % CI, threshold metrics at 0.5 and Youden's J,
     confusion matrices, calibration (reliability diagram, ECE, Brier) and the most confident errors;
-    with `ids`, also every patch's prediction (predictions.csv: id,label,probability)."""
+    with `ids`, also every patch's prediction (predictions.csv: id,label,probability); with
+    `explain` (patches -> heat maps, e.g. Grad-CAM), heat maps over the errors and
+    `cam_centre_fraction`, the share of heat in the labelled centre on true positives."""
     labels = np.asarray(labels).astype(int)
     probabilities = np.asarray(probabilities, dtype=np.float64)
     out.mkdir(parents=True, exist_ok=True)
@@ -64,7 +69,11 @@ def write_report(labels: np.ndarray, probabilities: np.ndarray, images, out: Pat
     _plot_confusion(confusion["at_0.5"], out / "confusion.png")
     _plot_reliability(reliability, metrics, out / "reliability.png")
     if images is not None:
-        _plot_errors(labels, probabilities, images, out / "confident_errors.png")
+        _plot_errors(labels, probabilities, images, out / "confident_errors.png", explain)
+    if images is not None and explain is not None:
+        hits = np.flatnonzero((labels == 1) & (probabilities >= 0.5))
+        hits = np.sort(np.random.default_rng(seed).permutation(hits)[:CAM_SAMPLE])
+        metrics["cam_centre_fraction"] = centre_fraction(explain(images[hits])) if len(hits) else float("nan")
     return metrics
 
 
@@ -175,21 +184,25 @@ def _plot_reliability(table, metrics, path: Path) -> None:
     _save(fig, path)
 
 
-def _plot_errors(labels, probabilities, images, path: Path) -> None:
-    """The most confident false positives (top row) and false negatives (bottom row)."""
+def _plot_errors(labels, probabilities, images, path: Path, explain=None) -> None:
+    """The most confident false positives (top row) and false negatives (bottom row), with where the
+    model looked (Grad-CAM) when `explain` is given; the centre 32x32 region that defines the label is outlined."""
     false_pos = np.flatnonzero((labels == 0) & (probabilities >= 0.5))
     false_neg = np.flatnonzero((labels == 1) & (probabilities < 0.5))
     false_pos = false_pos[np.argsort(-probabilities[false_pos])][:ERROR_GRID]
     false_neg = false_neg[np.argsort(probabilities[false_neg])][:ERROR_GRID]
     fig, axes = plt.subplots(2, ERROR_GRID, figsize=(2 * ERROR_GRID, 4.6), squeeze=False)
     for row, (picked, kind) in enumerate(((false_pos, "label 0"), (false_neg, "label 1"))):
+        patches = np.asarray([images[i] for i in picked])
+        heat = explain(patches) if explain is not None and len(picked) else [None] * len(picked)
         for column in range(ERROR_GRID):
             ax = axes[row, column]
             ax.axis("off")
             if column < len(picked):
-                ax.imshow(images[picked[column]])
+                overlay(ax, patches[column], heat[column])
                 ax.set_title(f"{kind}, p={probabilities[picked[column]]:.2f}", fontsize=8)
-    fig.suptitle("Most confident errors: false positives (top), false negatives (bottom)")
+    heat_note = "; heat: Grad-CAM" if explain is not None else ""
+    fig.suptitle(f"Most confident errors: false positives (top), false negatives (bottom){heat_note}")
     _save(fig, path)
 
 

@@ -75,6 +75,7 @@ def evaluate(cfg: DictConfig, context=None) -> dict[str, float]:
     from histo_transfer.data.loading import load_training_data
     from histo_transfer.data.sources import data_source
     from histo_transfer.evaluation import summary_text, write_report
+    from histo_transfer.gradcam import explainable, grad_cam
     from histo_transfer.inference import ensemble_probabilities
     from histo_transfer.registry import load_models
 
@@ -108,8 +109,11 @@ def evaluate(cfg: DictConfig, context=None) -> dict[str, float]:
         probabilities = ensemble_probabilities([m.model for m in members], images, cfg.batch_size, cfg.tta,
                                                cfg.ensemble.method)
         try:
+            # where one model looks; an ensemble's members each look elsewhere
+            model = members[0].model
+            explain = (lambda patches_: grad_cam(model, patches_)) if len(members) == 1 and explainable(model) else None
             metrics = write_report(labels, probabilities, images, Path(tmp) / "evaluation", seed=cfg.data.seed,
-                                   ids=patches.ids[indices])
+                                   ids=patches.ids[indices], explain=explain)
         except ValueError as exc:
             raise DataError(f"{root}: {exc}") from exc
         mlflow.log_metrics({f"eval/{k}": v for k, v in metrics.items()})
@@ -117,6 +121,58 @@ def evaluate(cfg: DictConfig, context=None) -> dict[str, float]:
     members_note = f", {len(members)} members ({cfg.ensemble.method})" if len(members) > 1 else ""
     print(summary_text(metrics, f"{cfg.model} on {root} ({split}, tta={cfg.tta}{members_note})"))
     return metrics
+
+
+def explain(cfg: DictConfig, context=None) -> Path:
+    """scripts/explain.py: each chosen patch, and the same patch under its Grad-CAM heat map."""
+    validate(cfg)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    from histo_transfer import tracking
+    from histo_transfer.data.sources import data_source
+    from histo_transfer.gradcam import explainable, grad_cam, overlay
+    from histo_transfer.inference import predict_probabilities
+    from histo_transfer.registry import load_models
+
+    experiment_id = tracking.setup(cfg.tracking)
+    members = load_models(cfg.model)
+    if len(members) != 1 or not explainable(members[0].model):
+        raise ConfigError("model", f"{cfg.model} is not one classifier of this project; Grad-CAM explains one model")
+    source = data_source(cfg.data)
+    sets = [source.labelled().patches] + [p for p in [source.holdout()] if p is not None]
+    wanted = [str(i) for i in cfg.ids]
+    found = {}
+    for patches in sets:
+        position = {image_id: index for index, image_id in enumerate(patches.ids)}
+        found.update({i: (patches, position[i]) for i in wanted if i in position and i not in found})
+    missing = [i for i in wanted if i not in found]
+    if missing:
+        raise ConfigError("ids", f"{missing[0]!r} is not a patch of {source.root()} ({len(missing)} not found)")
+    images = np.stack([found[i][0].images[found[i][1]] for i in wanted])
+    labels = [int(found[i][0].labels[found[i][1]]) for i in wanted]
+    model = members[0].model
+    probabilities, heat = predict_probabilities(model, images, progress=False), grad_cam(model, images)
+    fig, axes = plt.subplots(2, len(wanted), figsize=(max(6.0, 2.2 * len(wanted)), 4.8), squeeze=False)
+    for column, image_id in enumerate(wanted):
+        overlay(axes[0, column], images[column], None)
+        overlay(axes[1, column], images[column], heat[column])
+        label = "?" if labels[column] < 0 else labels[column]
+        axes[0, column].set_title(f"{image_id[:14]}\nlabel {label}, p={probabilities[column]:.2f}", fontsize=8)
+    fig.suptitle("Grad-CAM: where the model looks\n(outlined: the centre 32x32 that defines the label)", fontsize=10)
+    fig.tight_layout()
+    output = Path(cfg.output).expanduser().resolve()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=100)
+    plt.close(fig)
+    tags = {"kind": "explain", "data_root": str(source.root()), **_model_tags(cfg, members)}
+    with tracking.tracked_run(experiment_id, f"explain {len(wanted)} patches", tags):
+        mlflow.log_artifact(str(output), "explain")
+    print(f"wrote {output}: Grad-CAM of {len(wanted)} patches")
+    return output
 
 
 def _model_tags(cfg: DictConfig, members) -> dict[str, str]:

@@ -195,6 +195,7 @@ def _log_evaluation(model, session, result, out: Path) -> None:
     import mlflow
 
     from histo_transfer.evaluation import plot_training_curves, write_report
+    from histo_transfer.gradcam import grad_cam
 
     if result.best_epoch > 0:
         mlflow.log_artifact(str(plot_training_curves(result.history, out / "training_curves.png")), "plots")
@@ -205,6 +206,6 @@ def _log_evaluation(model, session, result, out: Path) -> None:
         return
     probabilities = model.predict(session.val_dataset(), verbose=0)[:, 0]
     metrics = write_report(labels, probabilities, data.images[session.val_indices], out / "evaluation",
-                           ids=data.patches.ids[session.val_indices])
+                           ids=data.patches.ids[session.val_indices], explain=lambda images: grad_cam(model, images))
     mlflow.log_metrics({f"eval/{k}": v for k, v in metrics.items()})
     mlflow.log_artifacts(str(out / "evaluation"), "evaluation")
