@@ -71,3 +71,57 @@ def test_bad_images_are_recorded_once_and_refused_or_skipped(kaggle):
     assert list(data.patches.bad) == [7]
     assert 7 not in set(data.train_indices) | set(data.val_indices)
     assert len(data.train_indices) + len(data.val_indices) == 299
+
+
+def _prepare(root, tmp_path, log):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "prepare_data.py"), "data=kaggle",
+                             f"data.root={root}", *store_overrides(tmp_path), "data.workers=1"],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+
+def test_a_second_process_waits_for_the_build_and_reuses_it(kaggle, tmp_path):
+    """Deterministic: this test holds the build lock, so the script must wait, then reuse."""
+    import time
+
+    from histo_transfer.data.cache import _build, build_lock
+    from histo_transfer.data.kaggle import fingerprint, read_labelled
+    from histo_transfer.data.sources import data_source
+
+    root, ids, cfg = kaggle
+    source = data_source(cfg.data)
+    folder = cache_folder(cfg.data.cache_dir, "train", fingerprint(root))
+    log = tmp_path / "second.log"
+    with build_lock(folder), open(log, "w") as out:
+        process = _prepare(root, tmp_path, out)
+        deadline = time.time() + 120
+        while "waiting for another process building" not in log.read_text():
+            assert process.poll() is None, log.read_text()[-2000:]
+            assert time.time() < deadline
+            time.sleep(0.1)
+        listing = read_labelled(root)
+        _build(folder, ImageFiles(listing.paths(), listing.ids, listing.labels, group="train"), 1)
+    assert process.wait(timeout=120) == 0, log.read_text()[-2000:]
+    text = log.read_text()
+    assert "built by another process meanwhile: reused" in text and "packed 300 patches" not in text
+    assert len([p for p in folder.parent.iterdir() if not p.name.startswith(".")]) == 1
+    assert source.labelled().patches.ids.tolist() == ids
+
+
+def test_two_processes_building_the_same_cache_build_it_once(kaggle, tmp_path):
+    root, ids, cfg = kaggle
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    with open(logs[0], "w") as first, open(logs[1], "w") as second:
+        processes = [_prepare(root, tmp_path, first), _prepare(root, tmp_path, second)]
+        assert [p.wait(timeout=300) for p in processes] == [0, 0]
+    texts = [log.read_text() for log in logs]
+    assert sum(text.count("packed 300 patches") for text in texts) == 1  # built once, never doubled
+    caches = [p for p in (tmp_path / "cache" / "packed").iterdir() if not p.name.startswith(".")]
+    assert len(caches) == 1 and not list((tmp_path / "cache" / "packed").glob(".*.tmp-*"))
+    data = load_training_data(cfg.data)
+    assert data.patches.ids.tolist() == ids
+    assert np.array_equal(data.images[7], read_patch(root / "train" / f"{ids[7]}.tif"))

@@ -7,6 +7,7 @@ complete: an interrupted build is never read, and the next run redoes it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import multiprocessing
@@ -67,10 +68,35 @@ def open_packed(folder: Path) -> PackedPatches:
 
 
 def packed(folder: Path, source: "PatchSource", workers: int | None = None) -> PackedPatches:
-    """The cache at `folder`, built from `source` first if it is not there yet."""
+    """The cache at `folder`, built from `source` first if it is not there yet. Processes that need the
+    same cache at once (jobs starting together on a shared file system) build it once: the others
+    wait for the first and reuse what it wrote."""
     if (folder / META_FILE).exists():
         return open_packed(folder)
+    with build_lock(folder):
+        if (folder / META_FILE).exists():
+            log.info("%s was built by another process meanwhile: reused", folder)
+            return open_packed(folder)
+        return _build(folder, source, workers)
+
+
+@contextlib.contextmanager
+def build_lock(folder: Path):
+    """An exclusive lock on building `folder` (fcntl: released by the system if its holder dies)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(f".{folder.name}.lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process building %s", folder)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _build(folder: Path, source: "PatchSource", workers: int | None) -> PackedPatches:
     _remove_abandoned_builds(folder)
     staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
@@ -84,11 +110,7 @@ def packed(folder: Path, source: "PatchSource", workers: int | None = None) -> P
         (staging / META_FILE).write_text(json.dumps(meta, indent=1))  # written last: marks completion
         if folder.exists() and not (folder / META_FILE).exists():
             shutil.rmtree(folder)  # not ours to trust: a cache is complete only with its meta file
-        try:
-            staging.rename(folder)
-        except OSError:
-            if not (folder / META_FILE).exists():  # only a finished parallel build may win the race
-                raise
+        staging.rename(folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     seconds = time.perf_counter() - started
