@@ -39,8 +39,9 @@ def main() -> None:
     parser.add_argument("--backbone", default="mobilenet_v1")
     parser.add_argument("--input-size", type=int, default=96)
     parser.add_argument("--augmentation", default="basic", choices=_augmentations())
-    parser.add_argument("--folders", type=Path, default=DEFAULT_FOLDERS if DEFAULT_FOLDERS.is_dir() else None,
-                        help="class-per-folder JPEG set for row (f) (default: the PCam folders, else skipped)")
+    parser.add_argument("--folders", type=lambda value: None if value == "none" else Path(value),
+                        default=DEFAULT_FOLDERS if DEFAULT_FOLDERS.is_dir() else None,
+                        help="class-per-folder JPEG set for row (f) (default: the PCam folders; none skips it)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--compute-steps", type=int, default=150, help="steps timed for (d)")
     args = parser.parse_args()
