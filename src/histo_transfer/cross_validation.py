@@ -20,6 +20,7 @@ import numpy as np
 from omegaconf import DictConfig, open_dict
 
 from histo_transfer.context import RunContext
+from histo_transfer.data.cache import Rows
 from histo_transfer.errors import ConfigError
 from histo_transfer.inference import TTA
 from histo_transfer.options import Options, between, one_of
@@ -133,7 +134,7 @@ def summarise(parent, folds: dict[int, object], patches, cfg) -> float:
     index = {image_id: position for position, image_id in enumerate(patches.ids)}
     positions = np.array([index[image_id] for image_id in oof["id"]])
     order = np.argsort(positions)  # in cache order: sequential reads of the memory map
-    images = patches.images[positions[order]]
+    images = Rows(patches.images, positions[order])
     tta_scores = {}
     if cfg.cv.tta != "none":  # each fold's model again on its own fold, with test-time augmentation
         oof[f"probability_{cfg.cv.tta}"] = _oof_with_tta(folds, oof, positions, patches, cfg.cv.tta)

@@ -137,14 +137,16 @@ def summary_table(runs, objective: Objective):
 
 def describe(table, objective: Objective) -> str:
     """The parent's description in the UI: the best child, then every child's result (markdown)."""
+    import pandas as pd
+
     best = table.iloc[0]
     lines = [f"{len(table)} runs. Best by {objective.metric}: **{best[objective.best_metric]:.4f}**, "
              f"{best['job']} (run `{best['run_id']}`).", "",
              "| run | status | val AUC | val loss | val accuracy | best epoch |", "| --- | --- | --- | --- | --- | --- |"]
     for _, row in table.iterrows():
-        cells = [f"{row[m]:.4f}" if row[m] == row[m] and row[m] is not None else "-"
-                 for m in ("best_val_auc", "best_val_loss", "best_val_accuracy")]
-        epoch = "-" if row["best_epoch"] != row["best_epoch"] or row["best_epoch"] is None else int(row["best_epoch"])
+        cells = [f"{row[m]:.4f}" if pd.notna(row[m]) else "-" for m in ("best_val_auc", "best_val_loss",
+                                                                          "best_val_accuracy")]
+        epoch = int(row["best_epoch"]) if pd.notna(row["best_epoch"]) else "-"
         lines.append(f"| {'**' if row['best'] else ''}{row['job']}{'**' if row['best'] else ''} | {row['status']} | "
                      f"{' | '.join(cells)} | {epoch} |")
     return "\n".join(lines)

@@ -11,23 +11,11 @@ import numpy as np
 from omegaconf import DictConfig
 
 from histo_transfer.config import validate
+from histo_transfer.data.cache import Rows
 from histo_transfer.errors import ConfigError, DataError
 from histo_transfer.inference import COMBINE, TTA
 
 log = logging.getLogger(__name__)
-
-
-class Subset:
-    """Rows `indices` of an image array, read one batch at a time (the memory map stays on disk)."""
-
-    def __init__(self, images, indices: np.ndarray):
-        self.images, self.indices = images, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, item):
-        return self.images[self.indices[item]]
 
 
 def predict(cfg: DictConfig, context=None) -> Path:
@@ -98,7 +86,7 @@ def evaluate(cfg: DictConfig, context=None) -> dict[str, float]:
         labelled = source.labelled()
         root, patches = labelled.root, labelled.patches
         indices = patches.usable(cfg.data.on_bad_image)
-    images = Subset(patches.images, indices)
+    images = Rows(patches.images, indices)
     labels = patches.labels[indices]
     tags = {"kind": "evaluate", "tta": cfg.tta, "eval_split": split, "data_root": str(root),
             **_model_tags(cfg, members)}

@@ -194,6 +194,7 @@ def _log_evaluation(model, session, result, out: Path) -> None:
     """Training curves, and the validation split scored as evaluate.py scores any labelled folder."""
     import mlflow
 
+    from histo_transfer.data.cache import Rows
     from histo_transfer.evaluation import plot_training_curves, write_report
     from histo_transfer.gradcam import grad_cam
 
@@ -205,7 +206,7 @@ def _log_evaluation(model, session, result, out: Path) -> None:
         log.warning("validation split holds one label only: no ROC or calibration report")
         return
     probabilities = model.predict(session.val_dataset(), verbose=0)[:, 0]
-    metrics = write_report(labels, probabilities, data.images[session.val_indices], out / "evaluation",
+    metrics = write_report(labels, probabilities, Rows(data.images, session.val_indices), out / "evaluation",
                            ids=data.patches.ids[session.val_indices], explain=lambda images: grad_cam(model, images))
     mlflow.log_metrics({f"eval/{k}": v for k, v in metrics.items()})
     mlflow.log_artifacts(str(out / "evaluation"), "evaluation")

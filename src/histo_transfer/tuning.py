@@ -14,8 +14,7 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 
 from histo_transfer.context import RunContext
-from histo_transfer.errors import ConfigError
-from histo_transfer.options import Options, between
+from histo_transfer.options import Options, Range, between, check_range
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +60,13 @@ class BayesianKeys(TunerKeys):
 
 
 def _check_search_space(node, tuner_class) -> None:
-    for key, low, high in (("lr", 0, None), ("dropout", 0, 1)):
+    """Bounds inside their key's range (lr > 0, dropout < 1), min below max."""
+    for key, high in (("lr", None), ("dropout", 1)):
         bounds = node.search_space[key]
-        if bounds is None:
-            continue
-        where = f"tuner.search_space.{key}"
-        if bounds.min < low or (key == "lr" and bounds.min <= 0):
-            raise ConfigError(f"{where}.min", f"{bounds.min} is out of range; need min > 0" if key == "lr"
-                              else f"{bounds.min} is out of range; need 0 <= min")
-        if bounds.max <= bounds.min or (high is not None and bounds.max >= high):
-            raise ConfigError(f"{where}.max", f"{bounds.max} is out of range; need {bounds.min} < max"
-                              + (f" < {high}" if high is not None else ""))
+        if bounds is not None:
+            where = f"tuner.search_space.{key}"
+            check_range(bounds.min, f"{where}.min", Range(0, low_open=key == "lr"))
+            check_range(bounds.max, f"{where}.max", Range(bounds.min, high, low_open=True, high_open=True))
 
 
 TUNERS = Options("tuner", check=_check_search_space)

@@ -52,6 +52,20 @@ class PackedPatches:
         return "".join(f"{self.ids[index]}\t{why}\n" for index, why in sorted(self.bad.items()))
 
 
+class Rows:
+    """Rows `indices` of an image array, read only when indexed (a memory map stays on disk):
+    reports index a few patches of a split that may not fit in memory."""
+
+    def __init__(self, images, indices: np.ndarray):
+        self.images, self.indices = images, np.asarray(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item):
+        return self.images[self.indices[item]]
+
+
 def cache_folder(cache_dir: Path, name: str, key: str) -> Path:
     return Path(cache_dir).expanduser().resolve() / f"{name}-v{CACHE_VERSION}-{key}"
 
