@@ -161,7 +161,14 @@ def log_dataset(ids, labels, root: Path, name: str, digest: str, context: str) -
     with warnings.catch_warnings():  # a record of the data, not a model signature: integer labels are right
         warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
         dataset = mlflow.data.from_pandas(frame, source=str(root), name=name, digest=digest, targets="label")
-    mlflow.log_input(dataset, context=context)
+    for attempt in range(3):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except MlflowException as exc:
+            # parallel jobs create the same dataset at once: the loser's insert fails, a retry reuses it
+            if "UNIQUE constraint failed: datasets" not in str(exc) or attempt == 2:
+                raise
 
 
 def backfill_epochs(run_id: str, history: list[dict[str, float]], names: tuple[str, ...]) -> None:
