@@ -123,27 +123,36 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def loopback_server(command: list[str], health_url: str, env: dict | None = None, timeout: float = 240):
-    """Start a server in its own process group, wait until `health_url` answers, and on leaving stop
-    the whole group (servers start workers) and check that none of its processes survives."""
+def loopback_server(command: list[str], ready, env: dict | None = None, timeout: float = 240):
+    """Start a server in its own process group, wait until it is `ready` (a URL that answers, or a
+    function that returns True), and on leaving stop the whole group (servers start workers) and check
+    that none of its processes survives. Its output goes to a file (a pipe nobody reads would fill up
+    and block it); the server object's `log` attribute names it."""
     import signal
+    import tempfile
     import time
     import urllib.request
 
+    def answers() -> bool:
+        if callable(ready):
+            return ready()
+        try:
+            urllib.request.urlopen(ready, timeout=2)
+            return True
+        except OSError:
+            return False
+
     # as from an activated environment: MLflow's servers run uvicorn from PATH
     env = {**os.environ, **(env or {}), "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    log = tempfile.NamedTemporaryFile(prefix="server-", suffix=".log", delete=False)
+    server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server.log = Path(log.name)
     try:
         deadline = time.time() + timeout
-        while True:
-            assert server.poll() is None, server.stdout.read().decode()[-3000:]
-            try:
-                urllib.request.urlopen(health_url, timeout=2)
-                break
-            except OSError:
-                assert time.time() < deadline, f"{health_url} did not answer in {timeout} s"
-                time.sleep(0.5)
+        while not answers():
+            assert server.poll() is None, server.log.read_text()[-3000:]
+            assert time.time() < deadline, f"{command[0]} was not ready in {timeout} s"
+            time.sleep(0.5)
         yield server
     finally:
         os.killpg(server.pid, signal.SIGTERM)
@@ -153,6 +162,8 @@ def loopback_server(command: list[str], health_url: str, env: dict | None = None
         if live_group_members(server.pid):
             os.killpg(server.pid, signal.SIGKILL)
         server.wait(timeout=30)
+        log.close()
+        os.unlink(log.name)
     assert live_group_members(server.pid) == []
 
 

@@ -84,6 +84,7 @@ def _prepare(root, tmp_path, log):
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
 
+@pytest.mark.scaleout  # two jobs starting together on a shared filesystem
 def test_a_second_process_waits_for_the_build_and_reuses_it(kaggle, tmp_path):
     """Deterministic: this test holds the build lock, so the script must wait, then reuse."""
     import time
@@ -112,6 +113,7 @@ def test_a_second_process_waits_for_the_build_and_reuses_it(kaggle, tmp_path):
     assert source.labelled().patches.ids.tolist() == ids
 
 
+@pytest.mark.scaleout
 def test_two_processes_building_the_same_cache_build_it_once(kaggle, tmp_path):
     root, ids, cfg = kaggle
     logs = [tmp_path / "a.log", tmp_path / "b.log"]

@@ -123,8 +123,8 @@ def test_mirrored_training_on_two_logical_cpus_matches_one_device(tmp_path):
 def test_team_tracking_server_receives_runs_and_sweeps_without_credentials(tmp_path, monkeypatch):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    command = [str(ROOT / "scripts" / "tracking_server.sh"), str(port), f"sqlite:///{tmp_path / 'server.db'}",
-               str(tmp_path / "artifacts")]
+    command = [str(ROOT / "scripts" / "tracking_server.sh"), "--port", str(port),
+               "--backend", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts", str(tmp_path / "artifacts")]
     secret = "s3cr3t-do-not-log"
     with loopback_server(command, f"{base}/health"):
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)  # a credential in the environment of the jobs

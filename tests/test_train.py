@@ -52,7 +52,16 @@ def test_run_records_config_as_dotted_params_and_its_tags(trained_run):
     assert len(tags["dataset_fingerprint"]) == 16
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert tags["mlflow.source.git.commit"] in (head, f"{head}-dirty")
-    assert run.info.run_name == ",".join(o for o in trained_run["overrides"] if not o.startswith("tracking."))
+    assert run.info.run_name == ",".join(o for o in trained_run["overrides"] if not o.startswith(("tracking.", "paths.")))
+
+
+def test_run_names_fit_mlflow_s_250_characters():
+    from histo_transfer.tracking import run_name_from_overrides
+
+    long = [f"backbone.option_{i}=value_{i}" for i in range(20)]
+    name = run_name_from_overrides([*long, "paths.output_dir=/somewhere"])
+    assert len(name) == 250 and name.startswith("backbone.option_0=value_0,") and name.endswith("...")
+    assert "paths." not in name
 
 
 def test_run_logs_config_plots_summary_and_models(trained_run):

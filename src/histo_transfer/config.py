@@ -60,6 +60,7 @@ class TrackingKeys:
     register_best: Optional[str]
     system_metrics: bool
     system_metrics_interval: float = between(0, low_open=True)
+    outage_limit_s: float = between(0)
 
 
 def validate(cfg: DictConfig) -> None:

@@ -16,6 +16,7 @@ import mlflow
 from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 
+from histo_transfer.tracking import NOTE_TAG
 from histo_transfer.objective import Objective
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class ParentRun:
                 self.client.set_tag(self.run_id, f"best.{key}", str(best[key]))
             else:
                 self.client.log_param(self.run_id, f"best.{key}", best[key])
-        self.client.set_tag(self.run_id, "mlflow.note.content", describe(table, self.objective))
+        self.client.set_tag(self.run_id, NOTE_TAG, describe(table, self.objective))
         with tempfile.TemporaryDirectory() as tmp:
             table.to_csv(Path(tmp) / f"{name}.csv", index=False)
             plot_summary(table, Path(tmp) / f"{name}.png")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import subprocess
 import traceback
@@ -14,7 +15,8 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
-from histo_transfer.errors import TrainingInterrupted
+from histo_transfer.errors import ConfigError, TrainingInterrupted
+from histo_transfer.outbox import Outbox, Unsent, store_answers
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,9 @@ def setup(tracking_cfg) -> str:
     """Point MLflow at the configured store and return the experiment's id, creating it if needed;
     sets system-metrics sampling for the runs to come."""
     uri = tracking_cfg.uri
+    if not store_answers(uri):
+        raise ConfigError("tracking.uri", f"the tracking server {redact_uri(uri)} does not answer (GET /health): "
+                          "start it (scripts/tracking_server.sh), or record into a local store with tracking=local")
     mlflow.set_tracking_uri(uri)
     mlflow.set_system_metrics_sampling_interval(tracking_cfg.get("system_metrics_interval", 10))
     name = tracking_cfg.experiment
@@ -56,10 +61,15 @@ def redact_uri(text: str) -> str:
     return _CREDENTIALS.sub(r"\g<scheme>***@", str(text))
 
 
+MAX_RUN_NAME = 250  # MLflow's column width (PostgreSQL and MySQL enforce it; SQLite does not)
+
+
 def run_name_from_overrides(overrides: list[str]) -> str:
-    """`backbone=resnet152v2,data.frac=0.3` for a run started with those overrides; `default` for none."""
-    chosen = [o for o in overrides if not o.lstrip("+~").startswith(("tracking.", "hydra"))]
-    return redact_uri(",".join(chosen)) or "default"
+    """`backbone=resnet152v2,data.frac=0.3` for a run started with those overrides; `default` for none.
+    Where things go (tracking.*, paths.*, hydra.*) does not name a run."""
+    chosen = [o for o in overrides if not o.lstrip("+~").startswith(("tracking.", "paths.", "hydra"))]
+    name = redact_uri(",".join(chosen)) or "default"
+    return name if len(name) <= MAX_RUN_NAME else name[:MAX_RUN_NAME - 3] + "..."
 
 
 def flat_params(cfg: DictConfig) -> dict[str, str]:
@@ -110,6 +120,9 @@ def tracked_run(experiment_id: str, run_name: str | None, tags: dict[str, str], 
         mlflow.set_tag("error", "interrupted (KeyboardInterrupt)")
         mlflow.end_run("KILLED")
         raise
+    except Unsent:  # its status goes to the server with the rest (scripts/sync_run.py)
+        end_run_locally()
+        raise
     except BaseException as exc:
         with contextlib.suppress(Exception):
             mlflow.set_tag("error", redact_uri(f"{type(exc).__name__}: {exc}")[:5000])
@@ -120,10 +133,36 @@ def tracked_run(experiment_id: str, run_name: str | None, tags: dict[str, str], 
         mlflow.end_run("FINISHED")
 
 
-def epoch_metrics_callback(names: tuple[str, ...], images_per_epoch: int | None = None):
+@contextlib.contextmanager
+def _fail_fast():
+    """MLflow's HTTP calls without their retries (minutes, by default) and with a short timeout."""
+    saved = {key: os.environ.get(key) for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
+def end_run_locally() -> None:
+    """Take the active run off this process's stack while its server is away (the run stays RUNNING
+    there until scripts/sync_run.py ends it): end_run pops the run before it calls the server."""
+    with _fail_fast(), contextlib.suppress(Exception):
+        mlflow.end_run("RUNNING")
+
+
+def run_outbox(run_id: str, output_dir: str | Path) -> Outbox:
+    """The outbox of a training run: <output_dir>/unsent/<run id> while anything waits there."""
+    return Outbox(Path(output_dir) / "unsent" / run_id, run_id, mlflow.get_tracking_uri())
+
+
+def epoch_metrics_callback(names: tuple[str, ...], images_per_epoch: int | None = None, log_metrics=None):
     """A Keras callback logging `names`, the learning rate and the epoch's timing at step = epoch number
     (1-based): `time/epoch_s` (training and validation) and `throughput/train_images_per_s` (training
-    steps only), so the UI shows whether a run is input- or compute-bound."""
+    steps only), so the UI shows whether a run is input- or compute-bound. `log_metrics(metrics, step)`
+    sends them (an Outbox's; default mlflow.log_metrics)."""
+    log_metrics = log_metrics or mlflow.log_metrics
     import time
 
     import keras  # here, not at module level: EDA and data scripts use this module without TensorFlow
@@ -143,14 +182,12 @@ def epoch_metrics_callback(names: tuple[str, ...], images_per_epoch: int | None 
             metrics["time/epoch_s"] = now - self.started
             if images_per_epoch:
                 metrics["throughput/train_images_per_s"] = images_per_epoch / ((self.trained or now) - self.started)
-            mlflow.log_metrics(metrics, step=epoch + 1)
+            log_metrics(metrics, step=epoch + 1)
 
     return EpochMetrics()
 
 
-def describe(lines: list[str]) -> None:
-    """The active run's description in the UI (markdown)."""
-    mlflow.set_tag("mlflow.note.content", "\n".join(lines))
+NOTE_TAG = "mlflow.note.content"  # a run's description in the UI (markdown)
 
 
 def log_dataset(ids, labels, root: Path, name: str, digest: str, context: str) -> None:
@@ -166,8 +203,10 @@ def log_dataset(ids, labels, root: Path, name: str, digest: str, context: str) -
             mlflow.log_input(dataset, context=context)
             return
         except MlflowException as exc:
-            # parallel jobs create the same dataset at once: the loser's insert fails, a retry reuses it
-            if "UNIQUE constraint failed: datasets" not in str(exc) or attempt == 2:
+            # parallel jobs create the same dataset at once: the loser's insert fails (SQLite: "UNIQUE
+            # constraint failed", PostgreSQL: "duplicate key ... unique constraint"), a retry reuses it
+            message = str(exc).lower()
+            if "unique constraint" not in message or "dataset" not in message or attempt == 2:
                 raise
 
 
@@ -180,22 +219,9 @@ def backfill_epochs(run_id: str, history: list[dict[str, float]], names: tuple[s
             mlflow.log_metrics({k: v for k, v in logs.items() if k in names or k == "lr"}, step=step)
 
 
-def log_keras_model(model, example, out: Path) -> None:
-    """`model` as model/model.keras, its summary, and an MLflow-logged (servable) model."""
-    import keras
-    import tensorflow as tf
-    from mlflow.models import infer_signature
-
-    from histo_transfer.registry import LOGGED_MODEL_NAME, MODEL_ARTIFACT
-
-    lines: list[str] = []
-    model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line), expand_nested=False)
-    mlflow.log_text("\n".join(lines), "model/summary.txt")
-    path = out / "model.keras"
-    model.save(path)
-    mlflow.log_artifact(str(path), Path(MODEL_ARTIFACT).parent.as_posix())
-    example = example.astype("float32")
-    signature = infer_signature(example, model.predict(example, verbose=0))
-    # Explicit requirements: inferring them would re-import TensorFlow in a subprocess.
-    mlflow.keras.log_model(model, name=LOGGED_MODEL_NAME, signature=signature,
-                           pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"])
+def log_keras_model(model, example, folder: Path) -> None:
+    """`model` into the active run (model/model.keras, its summary, a servable MLflow model), staged in `folder`."""
+    outbox = Outbox(folder, mlflow.active_run().info.run_id, mlflow.get_tracking_uri())
+    outbox.keras_model(model, example)
+    if not outbox.close(wait_s=0):
+        raise MlflowException(f"the tracking server {redact_uri(outbox.uri)} went away while the model was sent")
