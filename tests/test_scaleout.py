@@ -249,6 +249,24 @@ def test_an_outbox_keeps_records_on_disk_in_order_and_sends_them_later(tmp_path)
     assert not folder.exists() and not folder.parent.exists()
 
 
+def test_a_resumed_run_takes_over_what_its_interrupted_attempt_had_queued(tmp_path):
+    from histo_transfer import tracking
+    from histo_transfer.outbox import Outbox
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(store)
+    experiment = client.create_experiment("resume", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    interrupted = Outbox(tmp_path / "unsent" / run_id, run_id, f"http://127.0.0.1:{free_port()}")
+    interrupted.metrics({"val_auc": 0.5}, step=1)  # queued: nobody answered, then the process died
+    interrupted.staging("profile")
+
+    mlflow.set_tracking_uri(store)
+    resumed = tracking.run_outbox(run_id, tmp_path)
+    assert resumed.pending == [] and [m.value for m in client.get_metric_history(run_id, "val_auc")] == [0.5]
+    assert resumed.staging("profile").name == "0002-profile"  # numbering goes on: no clash with the old files
+
+
 def test_training_refuses_to_start_when_the_tracking_server_is_away(tmp_path):
     result = run_cli([*TINY_RUN, "tracking=server", f"tracking.uri=http://127.0.0.1:{free_port()}",
                       f"paths.output_dir={tmp_path}"])

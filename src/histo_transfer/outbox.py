@@ -84,10 +84,12 @@ class Outbox:
 
     def staging(self, name: str) -> Path:
         """A fresh folder for files that `artifacts` will send (deleted once sent)."""
-        self._count += 1
-        path = self.folder / "files" / f"{self._count:04d}-{name}"
-        path.mkdir(parents=True)
-        return path
+        while True:  # past numbers an interrupted attempt of the run may have used
+            self._count += 1
+            path = self.folder / "files" / f"{self._count:04d}-{name}"
+            if not path.exists():
+                path.mkdir(parents=True)
+                return path
 
     def artifacts(self, path: Path, artifact_path: str | None = None) -> None:
         """Send the file or folder `path` (inside `staging`) under `artifact_path`."""
@@ -170,6 +172,13 @@ class Outbox:
         with contextlib.suppress(OSError):  # unsent/ itself, when no other run left anything there
             self.folder.parent.rmdir()
         return True
+
+    def discard_if_empty(self) -> None:
+        """A run that ended with nothing queued (interrupted, failed): its staging files go."""
+        if not self.pending and self.status is None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                self.folder.parent.rmdir()
 
     def keep(self, status: str) -> None:
         """The run ended locally with `status`, which sync_run.py sets on the server after the rest."""

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import subprocess
 import traceback
 import warnings
@@ -16,7 +17,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 from histo_transfer.errors import ConfigError, TrainingInterrupted
-from histo_transfer.outbox import Outbox, Unsent, store_answers
+from histo_transfer.outbox import QUEUE, Outbox, Unsent, store_answers
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +154,16 @@ def end_run_locally() -> None:
 
 
 def run_outbox(run_id: str, output_dir: str | Path) -> Outbox:
-    """The outbox of a training run: <output_dir>/unsent/<run id> while anything waits there."""
-    return Outbox(Path(output_dir) / "unsent" / run_id, run_id, mlflow.get_tracking_uri())
+    """The outbox of a training run: <output_dir>/unsent/<run id> while anything waits there. A resumed
+    run takes over what its interrupted attempt still had queued."""
+    folder = Path(output_dir) / "unsent" / run_id
+    if (folder / QUEUE).is_file():
+        outbox = Outbox.load(folder)
+        outbox.uri = mlflow.get_tracking_uri()
+        outbox.flush()
+        return outbox
+    shutil.rmtree(folder, ignore_errors=True)  # staging files of an interrupted attempt, nothing queued
+    return Outbox(folder, run_id, mlflow.get_tracking_uri())
 
 
 def epoch_metrics_callback(names: tuple[str, ...], images_per_epoch: int | None = None, log_metrics=None):

@@ -101,6 +101,7 @@ def run_training(cfg: DictConfig, context: RunContext, *, parent_run_id: str | N
     if parent_run_id:
         run_tags[PARENT_TAG] = parent_run_id  # nests this run under its sweep or CV in the UI
     run_name = run_name or cfg.tracking.run_name or tracking.run_name_from_overrides(list(context.overrides))
+    outbox = None
     try:
         with tracking.tracked_run(experiment_id, run_name, run_tags, nested=nested,
                                   run_id=resumed.progress.run_id if resumed else None,
@@ -118,6 +119,9 @@ def run_training(cfg: DictConfig, context: RunContext, *, parent_run_id: str | N
                     "(%s s): run %s stays RUNNING there; its model and remaining metrics are kept in %s. "
                     "Upload them with: %s", cfg.tracking.outage_limit_s, run.info.run_id, unsent.folder,
                     unsent.upload_hint())
+    finally:
+        if outbox is not None:
+            outbox.discard_if_empty()  # an interrupted or failed run's staging files, when nothing waits
     checkpoints.clear()  # finished: nothing left to resume
     return TrainingOutcome(run.info.run_id, best)
 
