@@ -92,6 +92,42 @@ def test_pathology_recompresses_as_jpeg_and_adds_blur_and_noise():
     assert drift.max() > 2  # colour, not only geometry
 
 
+def test_folded_stain_jitter_equals_the_step_by_step_definition():
+    """Optical density -> stains -> scale and shift -> RGB, each step on every pixel (the reference)."""
+    from histo_transfer.augment import _HED_FROM_RGB, _RGB_FROM_HED, stain_jitter
+
+    images = tf.cast(_batch(8), tf.uint8)
+    pair, sigma = tf.constant([3, 4], tf.int64), 0.2
+    scale = tf.random.stateless_uniform([8, 1, 1, 3], seed=pair, minval=1 - sigma, maxval=1 + sigma).numpy()
+    shift = tf.random.stateless_uniform([8, 1, 1, 3], seed=pair + 7, minval=-sigma, maxval=sigma).numpy()
+    density = -np.log(np.maximum(images.numpy().astype(np.float64), 1) / 255)
+    stains = density @ _HED_FROM_RGB * scale + shift
+    expected = np.clip(255 * np.exp(-(stains @ _RGB_FROM_HED)), 0, 255)
+    assert np.abs(stain_jitter(images, pair, sigma).numpy() - expected).max() < 0.01
+    assert np.abs(expected - images.numpy()).mean() > 1  # and it did jitter
+
+
+def test_pathology_with_every_strength_zero_only_turns_and_flips():
+    """Exercises the colour paths (stain matrix, YIQ hue and saturation matrix) at their identity."""
+    cfg = OmegaConf.load("conf/augmentation/pathology.yaml")
+    cfg.update(stain_sigma=0.0, hue=0.0, saturation=0.0, blur_probability=0.0, noise_std=0.0, jpeg_probability=0.0)
+    images = tf.cast(tf.maximum(_batch(8), 1.0), tf.uint8)  # 0 has no optical density: the stain step lifts it to 1
+    out = build_augmentation(cfg, seed=0)(images, tf.constant([5, 6], tf.int64)).numpy()
+    for original, augmented in zip(images.numpy(), out):
+        assert any(np.array_equal(augmented, view) for view in _dihedral_images(original))
+
+
+def test_pathology_blurs_the_chosen_share_only():
+    from histo_transfer.augment import _blur_some, _gaussian_kernel
+
+    images = _batch(64)
+    out = _blur_some(images, tf.constant([1, 2], tf.int64), 0.3, _gaussian_kernel(1.0)).numpy()
+    changed = np.abs(out - images.numpy()).max(axis=(1, 2, 3)) > 1e-3
+    assert 5 <= changed.sum() <= 40  # about 30 % of 64
+    smoothed = np.abs(np.diff(out[changed], axis=2)).mean() < np.abs(np.diff(images.numpy()[changed], axis=2)).mean()
+    assert smoothed
+
+
 def test_none_is_no_augmentation():
     assert build_augmentation(OmegaConf.create({"name": "none"}), seed=0) is None
 

@@ -22,6 +22,9 @@ NOISE_TILES = 64  # pathology's bank of noise patterns
 # Ruifrok & Johnston stain vectors (rows: haematoxylin, eosin, DAB) in optical density.
 _RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float32)
 _HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED).astype(np.float32)
+# RGB <-> YIQ: hue is the angle and saturation the length of (I, Q), so both are one linear map in RGB
+_YIQ_FROM_RGB = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=np.float32)
+_RGB_FROM_YIQ = np.linalg.inv(_YIQ_FROM_RGB).astype(np.float32)
 
 
 @dataclass
@@ -61,11 +64,9 @@ def basic(cfg, seed: int) -> Augment:
 @AUGMENTATIONS.register("strong", StrongKeys)
 def strong(cfg, seed: int) -> Augment:
     """basic + H&E stain jitter, brightness and contrast (float32 out)."""
-    import tensorflow as tf
 
     def augment(images, pair):
-        images = tf.cast(random_dihedral(images, pair), tf.float32)
-        images = stain_jitter(images, pair + 1, cfg.stain_sigma)
+        images = stain_jitter(random_dihedral(images, pair), pair + 1, cfg.stain_sigma)
         return brightness_contrast(images, pair + 2, cfg.brightness, cfg.contrast)
     return augment
 
@@ -92,16 +93,22 @@ def random_dihedral(images, pair):
 
 
 def stain_jitter(images, pair, sigma: float):
-    """Scale and shift each stain's concentration per image (Tellez et al., 2018), in optical density."""
+    """Scale and shift each stain's concentration per image (Tellez et al., 2018), in optical density.
+
+    Optical density to stains, the jitter and back are linear, so they fold into one 3x3 matrix and an
+    offset per image, as do the 1/255 scaling and the 255 of the way back: log, one matrix product,
+    exp (half the work of doing each step on every pixel)."""
     import tensorflow as tf
 
     batch = tf.shape(images)[0]
-    density = -tf.math.log(tf.maximum(images, 1.0) / 255.0)
-    stains = tf.einsum("bhwc,cs->bhws", density, _HED_FROM_RGB)
-    scale = tf.random.stateless_uniform([batch, 1, 1, 3], seed=pair, minval=1 - sigma, maxval=1 + sigma)
-    shift = tf.random.stateless_uniform([batch, 1, 1, 3], seed=pair + 7, minval=-sigma, maxval=sigma)
-    density = tf.einsum("bhws,sc->bhwc", stains * scale + shift, _RGB_FROM_HED)
-    return tf.clip_by_value(255.0 * tf.exp(-density), 0.0, 255.0)
+    scale = tf.random.stateless_uniform([batch, 3], seed=pair, minval=1 - sigma, maxval=1 + sigma)
+    shift = tf.random.stateless_uniform([batch, 3], seed=pair + 7, minval=-sigma, maxval=sigma)
+    # density d = log 255 - log x;  d' = (d H) * scale + shift) R;  x' = 255 exp(-d') = exp(log x . M + c)
+    matrix = tf.einsum("cs,bs,sd->bcd", _HED_FROM_RGB, scale, _RGB_FROM_HED)  # stain-space jitter, back to RGB
+    offset = np.log(255.0) * (1.0 - tf.reduce_sum(matrix, axis=1)) - tf.einsum("bs,sd->bd", shift, _RGB_FROM_HED)
+    log_pixels = tf.math.log(tf.maximum(tf.cast(images, tf.float32), 1.0))
+    jittered = tf.einsum("bhwc,bcd->bhwd", log_pixels, matrix) + offset[:, None, None, :]
+    return tf.minimum(tf.exp(jittered), 255.0)
 
 
 def brightness_contrast(images, pair, brightness: float, contrast: float):
@@ -121,7 +128,7 @@ def notebook(cfg, seed: int) -> Augment:
     import tensorflow as tf
 
     def augment(images, pair):
-        images = tf.cast(images, tf.float32)
+        images = tf.cast(images, tf.float32)  # float32 resampling: faster on a CPU than uint8's
         count, size = tf.shape(images)[0], tf.cast(tf.shape(images)[1], tf.float32)
 
         def uniform(offset, low, high):
@@ -171,21 +178,22 @@ def pathology(cfg, seed: int) -> Augment:
     bank = tf.constant(np.random.default_rng(seed).standard_normal((NOISE_TILES, 96, 96, 3)), tf.float32)
 
     def augment(images, pair):
-        images = tf.cast(random_dihedral(images, pair), tf.float32)
+        images = random_dihedral(images, pair)
         count = tf.shape(images)[0]
 
         def per_image(offset, low, high, shape=(1, 1, 1)):
             return tf.random.stateless_uniform([count, *shape], seed=pair + offset, minval=low, maxval=high)
 
         images = stain_jitter(images, pair + 1, cfg.stain_sigma)
-        hsv = tf.image.rgb_to_hsv(images / 255.0)
-        hue = tf.math.floormod(hsv[..., :1] + per_image(2, -cfg.hue, cfg.hue), 1.0)
-        saturation = tf.clip_by_value(hsv[..., 1:2] * per_image(3, 1 - cfg.saturation, 1 + cfg.saturation), 0, 1)
-        images = tf.image.hsv_to_rgb(tf.concat([hue, saturation, hsv[..., 2:]], axis=-1)) * 255.0
-        # blur: a per-image share of the blurred batch, for a random share of the images
-        blurred = tf.nn.depthwise_conv2d(images, kernel, strides=[1, 1, 1, 1], padding="SAME")
-        strength = per_image(4, 0, 1) * tf.cast(per_image(5, 0, 1) < cfg.blur_probability, tf.float32)
-        images = images + strength * (blurred - images)
+        # hue and saturation: one 3x3 matrix per patch (a rotation and scaling of YIQ's colour plane,
+        # as NVIDIA DALI's hsv operator does), instead of a round trip through HSV
+        angle = per_image(2, -cfg.hue, cfg.hue, ()) * (2 * np.pi)
+        saturation = per_image(3, 1 - cfg.saturation, 1 + cfg.saturation, ())
+        cos, sin, ones, zeros = saturation * tf.cos(angle), saturation * tf.sin(angle), tf.ones([count]), tf.zeros([count])
+        plane = tf.reshape(tf.stack([ones, zeros, zeros, zeros, cos, -sin, zeros, sin, cos], axis=1), [count, 3, 3])
+        colour = tf.einsum("ij,bjk,kl->bil", _RGB_FROM_YIQ, plane, _YIQ_FROM_RGB)
+        images = tf.einsum("bhwc,bdc->bhwd", images, colour)
+        images = _blur_some(images, pair + 4, cfg.blur_probability, kernel)
         tile = tf.random.stateless_uniform([count], seed=pair + 6, maxval=NOISE_TILES, dtype=tf.int32)
         noise = tf.gather(bank, tile) * per_image(7, 0, cfg.noise_std)
         images = tf.clip_by_value(images + noise, 0, 255)
@@ -193,11 +201,25 @@ def pathology(cfg, seed: int) -> Augment:
     return augment
 
 
+def _blur_some(images, pair, probability: float, kernel):
+    """Blur a random share of the images, each by a random amount (a blend with its full Gaussian
+    blur); only the chosen ones are convolved, with the kernel's two 1-D halves."""
+    import tensorflow as tf
+
+    count = tf.shape(images)[0]
+    chosen = tf.where(tf.random.stateless_uniform([count], seed=pair + 1) < probability)
+    some = tf.gather_nd(images, chosen)
+    blurred = tf.nn.depthwise_conv2d(some, kernel[:, None], strides=[1, 1, 1, 1], padding="SAME")
+    blurred = tf.nn.depthwise_conv2d(blurred, kernel[None], strides=[1, 1, 1, 1], padding="SAME")
+    strength = tf.gather_nd(tf.random.stateless_uniform([count, 1, 1, 1], seed=pair), chosen)
+    return tf.tensor_scatter_nd_update(images, chosen, some + strength * (blurred - some))
+
+
 def _gaussian_kernel(sigma: float):
+    """One dimension of a Gaussian blur, as a depthwise kernel over 3 channels: (k, 3, 1)."""
     radius = max(1, int(round(2 * sigma)))
     weights = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
-    weights = np.outer(weights, weights) / np.outer(weights, weights).sum()
-    return np.repeat(weights[:, :, None, None], 3, axis=2).astype(np.float32)  # (k, k, 3 channels, 1)
+    return np.repeat((weights / weights.sum())[:, None, None], 3, axis=1).astype(np.float32)
 
 
 def _jpeg_recompress(images, pair, probability: float, low: int, high: int):
