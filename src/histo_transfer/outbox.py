@@ -111,15 +111,16 @@ class Outbox:
         lines: list[str] = []
         model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line), expand_nested=False)
         self.text("\n".join(lines), "model/summary.txt")
-        folder = self.staging("model")
-        model.save(folder / Path(MODEL_ARTIFACT).name)
-        self.artifacts(folder / Path(MODEL_ARTIFACT).name, Path(MODEL_ARTIFACT).parent.as_posix())
+        path = self.staging("model") / Path(MODEL_ARTIFACT).name
+        model.save(path)
+        self._live[self._count] = model
         example = example.astype("float32")
         signature = infer_signature(example, model.predict(example, verbose=0))
-        self._live[self._count] = model
-        # explicit requirements: inferring them would re-import TensorFlow in a subprocess
-        self._put({"kind": "logged_model", "path": str((folder / Path(MODEL_ARTIFACT).name).relative_to(self.folder)),
-                   "signature": signature.to_dict(),
+        relative = str(path.relative_to(self.folder))
+        # both at once: the file stays until the second is sent. Explicit requirements: inferring them
+        # would re-import TensorFlow in a subprocess.
+        self._put({"kind": "artifacts", "path": relative, "artifact_path": Path(MODEL_ARTIFACT).parent.as_posix()},
+                  {"kind": "logged_model", "path": relative, "signature": signature.to_dict(),
                    "requirements": [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]})
 
     # sending
@@ -185,8 +186,8 @@ class Outbox:
         self.status = status
         self._save()
 
-    def _put(self, item: dict) -> None:
-        self.pending.append(item)
+    def _put(self, *items: dict) -> None:
+        self.pending.extend(items)
         if time.monotonic() < self._retry_at:
             self._save()
         elif not self.flush():
