@@ -10,7 +10,7 @@ import sys
 
 if __name__ == "__main__":
     from histo_transfer.errors import UserError
-    from histo_transfer.outbox import sync
+    from histo_transfer.tracking import sync_run
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", help="<output_dir>/unsent/<run id>, as training printed it")
@@ -18,7 +18,7 @@ if __name__ == "__main__":
     parser.add_argument("--wait", type=float, default=0, help="seconds to wait for a server that does not answer yet")
     args = parser.parse_args()
     try:
-        run_id = sync(args.folder, args.tracking_uri, args.wait)
+        run_id = sync_run(args.folder, args.tracking_uri, args.wait)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)

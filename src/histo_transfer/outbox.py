@@ -25,6 +25,8 @@ import mlflow
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from histo_transfer.redaction import redact_uri
+
 log = logging.getLogger(__name__)
 
 QUEUE = "outbox.json"
@@ -34,9 +36,9 @@ RETRY_S = 5.0  # while the server is away, how often a new record tries to send 
 class Unsent(Exception):
     """A run finished training while its tracking server stayed away: its records wait in `folder`."""
 
-    def __init__(self, folder: Path, status: str = "FINISHED"):
+    def __init__(self, folder: Path):
         super().__init__(f"tracking server unreachable: the rest of the run is kept in {folder}")
-        self.folder, self.status = folder, status
+        self.folder = folder
 
     def upload_hint(self) -> str:
         return f"python scripts/sync_run.py {self.folder}"
@@ -142,7 +144,7 @@ class Outbox:
             self._drop_files(item)
             sent += 1
         if self._outage_since is not None:
-            log.warning("tracking server %s is back after %.0f s: %d kept record(s) sent", _redact(self.uri),
+            log.warning("tracking server %s is back after %.0f s: %d kept record(s) sent", redact_uri(self.uri),
                         time.monotonic() - self._outage_since, sent)
             self._outage_since = None
         self._save()
@@ -152,7 +154,7 @@ class Outbox:
         if self._outage_since is None:
             self._outage_since = time.monotonic()
             log.warning("tracking server %s does not answer: training goes on, records are kept in %s until it "
-                        "is back", _redact(self.uri), self.folder)
+                        "is back", redact_uri(self.uri), self.folder)
         self._save()
         return False
 
@@ -166,7 +168,7 @@ class Outbox:
                 return False
             if not announced:
                 log.warning("training done; waiting up to %.0f s (tracking.outage_limit_s) for the tracking server "
-                            "%s to send %d record(s)", wait_s, _redact(self.uri), len(self.pending))
+                            "%s to send %d record(s)", wait_s, redact_uri(self.uri), len(self.pending))
                 announced = True
             time.sleep(poll_s)
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -239,7 +241,7 @@ class Outbox:
         if not self.pending and self.status is None and not self.folder.exists():
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        state = {"run_id": self.run_id, "uri": _redact(self.uri), "status": self.status, "count": self._count,
+        state = {"run_id": self.run_id, "uri": redact_uri(self.uri), "status": self.status, "count": self._count,
                  "pending": self.pending}
         partial = self.folder / f".{QUEUE}.tmp-{os.getpid()}"
         partial.write_text(json.dumps(state, indent=1))
@@ -249,41 +251,3 @@ class Outbox:
 def _staging_number(item: dict) -> int | None:
     """The staging folder (files/NNNN-name/...) an item's file lies in."""
     return int(Path(item["path"]).parts[1].split("-")[0]) if "path" in item else None
-
-
-def _redact(uri: str) -> str:
-    from histo_transfer.tracking import redact_uri
-
-    return redact_uri(uri)
-
-
-def sync(folder: Path, uri: str | None = None, wait_s: float = 0) -> str:
-    """Send what a run left in `folder` (to `uri`, default the store it was recorded in), then end the
-    run with its status; returns the run id. scripts/sync_run.py."""
-    from histo_transfer.errors import UserError
-
-    folder = Path(folder)
-    if not (folder / QUEUE).is_file():
-        raise UserError(f"{folder}: no {QUEUE} here; pass the folder a run named (<output_dir>/unsent/<run id>)")
-    outbox = Outbox.load(folder)
-    if uri:
-        outbox.uri = uri
-    elif "***" in outbox.uri:
-        raise UserError(f"{folder}: the store's address was saved without its credentials; pass --tracking-uri")
-    deadline = time.monotonic() + wait_s
-    while not store_answers(outbox.uri):
-        if time.monotonic() >= deadline:
-            raise UserError(f"the tracking server {_redact(outbox.uri)} does not answer; {len(outbox.pending)} "
-                            f"record(s) stay in {folder}: run this again later (or with --wait SECONDS)")
-        time.sleep(2)
-    mlflow.set_tracking_uri(outbox.uri)
-    mlflow.start_run(run_id=outbox.run_id)  # the logged model attaches to the active run
-    if not outbox.flush():
-        from histo_transfer.tracking import end_run_locally
-
-        end_run_locally()
-        raise UserError(f"the tracking server {_redact(outbox.uri)} went away again; {len(outbox.pending)} "
-                        f"record(s) stay in {folder}: run this again later")
-    mlflow.end_run(outbox.status or "FINISHED")
-    outbox.close(0)  # removes the folder
-    return outbox.run_id

@@ -16,8 +16,8 @@ import mlflow
 from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 
-from histo_transfer.tracking import NOTE_TAG
 from histo_transfer.objective import Objective
+from histo_transfer.tracking import NOTE_TAG
 
 log = logging.getLogger(__name__)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import shutil
 import subprocess
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -16,8 +16,9 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
-from histo_transfer.errors import ConfigError, TrainingInterrupted
+from histo_transfer.errors import ConfigError, TrainingInterrupted, UserError
 from histo_transfer.outbox import QUEUE, Outbox, Unsent, store_answers
+from histo_transfer.redaction import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +55,6 @@ def artifact_location(uri: str) -> str | None:
     return (database.parent / "artifacts").resolve().as_uri()
 
 
-_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][\w+.-]*://)[^/@\s]+@")
-
-
-def redact_uri(text: str) -> str:
-    """Replace user names and passwords in any URI within `text` (`http://user:pw@host` -> `http://***@host`)."""
-    return _CREDENTIALS.sub(r"\g<scheme>***@", str(text))
 
 
 MAX_RUN_NAME = 250  # MLflow's column width (PostgreSQL and MySQL enforce it; SQLite does not)
@@ -143,7 +138,10 @@ def _fail_fast():
         yield
     finally:
         for key, value in saved.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def end_run_locally() -> None:
@@ -234,3 +232,31 @@ def log_keras_model(model, example, folder: Path) -> None:
     outbox.keras_model(model, example)
     if not outbox.close(wait_s=0):
         raise MlflowException(f"the tracking server {redact_uri(outbox.uri)} went away while the model was sent")
+
+
+def sync_run(folder: Path, uri: str | None = None, wait_s: float = 0) -> str:
+    """Send what a run left in `folder` (to `uri`, default the store it was recorded in), then end the
+    run with its status; returns the run id. scripts/sync_run.py."""
+    folder = Path(folder)
+    if not (folder / QUEUE).is_file():
+        raise UserError(f"{folder}: no {QUEUE} here; pass the folder a run named (<output_dir>/unsent/<run id>)")
+    outbox = Outbox.load(folder)
+    if uri:
+        outbox.uri = uri
+    elif "***" in outbox.uri:
+        raise UserError(f"{folder}: the store's address was saved without its credentials; pass --tracking-uri")
+    deadline = time.monotonic() + wait_s
+    while not store_answers(outbox.uri):
+        if time.monotonic() >= deadline:
+            raise UserError(f"the tracking server {redact_uri(outbox.uri)} does not answer; {len(outbox.pending)} "
+                            f"record(s) stay in {folder}: run this again later (or with --wait SECONDS)")
+        time.sleep(2)
+    mlflow.set_tracking_uri(outbox.uri)
+    mlflow.start_run(run_id=outbox.run_id)  # the logged model attaches to the active run
+    if not outbox.flush():
+        end_run_locally()
+        raise UserError(f"the tracking server {redact_uri(outbox.uri)} went away again; {len(outbox.pending)} "
+                        f"record(s) stay in {folder}: run this again later")
+    mlflow.end_run(outbox.status or "FINISHED")
+    outbox.close(0)  # removes the folder
+    return outbox.run_id

@@ -175,10 +175,10 @@ def _run(cfg: DictConfig, context: RunContext, run_id: str, checkpoints, resumed
                   tracking.epoch_metrics_callback(EPOCH_METRICS, session.steps * cfg.trainer.batch_size, outbox.metrics))
     if resumed is None:
         _log_augmentation_examples(session, outbox)
-    profile = outbox.staging("profile")
+    profile = outbox.staging("profile") if cfg.trainer.profile_batches else None
     result = session.fit(model, initial_epoch=progress.epoch, best=best, callbacks=callbacks,
                          after_best=after_best, profile_dir=profile)
-    if any(profile.iterdir()):
+    if profile is not None and any(profile.iterdir()):
         outbox.artifacts(profile, "profile")
     digest = weights_digest(model)  # equal on every worker of a multi-worker run
     log.info("final weights: sha256 %s", digest)
