@@ -5,7 +5,7 @@ Measures, in one process, on the same data and augmentation, images per second o
   (b) building the packed cache,
   (c) the tf.data pipeline from the cache (shuffle, batch, augmentation),
   (d) training steps of the chosen backbone on one batch already in memory (pure compute),
-  (e) a real training epoch fed by (c),
+  (e) a real training epoch fed by (c), timed alternately with (d) (medians of --repeats),
   (f) building the packed cache of a class-per-folder JPEG set (data=folders; default
       ../shared/data/pcam_folders when present),
 and prints one table. The source layout (default: ../shared/data/pcam_sample beside the checkout,
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -43,7 +44,7 @@ def main() -> None:
                         default=DEFAULT_FOLDERS if DEFAULT_FOLDERS.is_dir() else None,
                         help="class-per-folder JPEG set for row (f) (default: the PCam folders; none skips it)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--compute-steps", type=int, default=150, help="steps timed for (d)")
+    parser.add_argument("--repeats", type=int, default=3, help="(d) and (e) epochs timed, alternately")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench_input_") as tmp:
@@ -104,7 +105,6 @@ def run_benchmarks(layout: Path, work: Path, args) -> list[tuple[str, int, float
                  time.perf_counter() - started, "once per data version"))
 
     import keras
-    import tensorflow as tf
 
     from histo_transfer.augment import build_augmentation
     from histo_transfer.data.pipeline import make_dataset
@@ -122,22 +122,38 @@ def run_benchmarks(layout: Path, work: Path, args) -> list[tuple[str, int, float
 
     keras.utils.set_random_seed(0)
     model, _, _ = TrainingSession(cfg, data).build_model()
-    batch = next(iter(dataset))
-    in_memory = tf.data.Dataset.from_tensors(batch).repeat()
-    timer = epoch_timer()
-    model.fit(in_memory, steps_per_epoch=args.compute_steps, epochs=2, callbacks=[timer], verbose=0)
-    rows.append(("(d) training steps on an in-memory batch (compute only)", args.compute_steps * args.batch_size,
-                 timer.seconds[-1], f"{cfg.backbone.name} at {args.input_size} px, after warm-up"))
-
+    compute, real = compute_and_real_epochs(model, next(iter(dataset)), data, augment, args)
     steps = len(data.train_indices) // args.batch_size
-    two_epochs = make_dataset(data.images, data.labels, data.train_indices, args.batch_size,
-                              shuffle=True, augment=augment, seed=0, epochs=(0, 2))
-    model.fit(two_epochs, steps_per_epoch=steps, epochs=2, callbacks=[timer], verbose=0)
-    rows.append(("(e) real training epoch fed by (c)", steps * args.batch_size, timer.seconds[-1],
-                 "second epoch, after warm-up"))
+    rows.append(("(d) training steps on an in-memory batch (compute only)", steps * args.batch_size, compute,
+                 f"{cfg.backbone.name} at {args.input_size} px; median of {args.repeats + 1} epochs"))
+    rows.append(("(e) real training epoch fed by (c)", steps * args.batch_size, real,
+                 f"median of {args.repeats} epochs, each between two of (d)"))
     if args.folders is not None:
         rows.append(folders_cache_build(args.folders, work))
     return rows
+
+
+def compute_and_real_epochs(model, batch, data, augment, args) -> tuple[float, float]:
+    """Median seconds of an epoch of pure compute (d) and of a real epoch (e), measured alternately.
+
+    One fit runs: a warm-up, then `repeats` times an in-memory epoch and a real one, then one more
+    in-memory epoch, so both see the same machine state (on a shared 2-core machine compute-only
+    epochs alone vary by 20 %, and one pair of epochs can land the ratio anywhere in that range).
+    """
+    import tensorflow as tf
+
+    from histo_transfer.data.pipeline import make_dataset
+
+    steps = len(data.train_indices) // args.batch_size
+    in_memory = tf.data.Dataset.from_tensors(batch).repeat(steps)
+    schedule = in_memory.concatenate(in_memory)  # warm-up: traces the training step
+    for epoch in range(args.repeats):
+        real = make_dataset(data.images, data.labels, data.train_indices, args.batch_size, shuffle=True,
+                            augment=augment, seed=0, epochs=(epoch, epoch + 1)).take(steps)
+        schedule = schedule.concatenate(real).concatenate(in_memory)
+    timer = epoch_timer()
+    model.fit(schedule, steps_per_epoch=steps, epochs=2 + 2 * args.repeats, callbacks=[timer], verbose=0)
+    return statistics.median(timer.seconds[1::2]), statistics.median(timer.seconds[2::2])
 
 
 def folders_cache_build(folders: Path, work: Path) -> tuple[str, int, float, str]:

@@ -147,3 +147,21 @@ def test_pipeline_batches_keep_images_and_labels_together():
         assert (y.numpy()[:, 0] == index % 2).all()
         seen += index.tolist()
     assert sorted(seen) == indices.tolist() and seen != indices.tolist()  # all of them, shuffled
+
+
+def test_bench_input_times_compute_and_real_epochs_alternately(tmp_path):
+    from conftest import run_cli, write_kaggle_layout
+
+    source = tmp_path / "source"
+    write_kaggle_layout(source, [0, 1] * 40)
+    result = run_cli(["--source", str(source), "--images", "320", "--notebook-images", "64", "--backbone", "tiny_cnn",
+                      "--input-size", "32", "--batch-size", "16", "--augmentation", "notebook", "--repeats", "2",
+                      "--folders", "none"], script="scripts/bench_input.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {line.split("|")[1].strip()[:3]: [cell.strip() for cell in line.split("|")[2:]]
+            for line in result.stdout.splitlines() if line.startswith("| (")}
+    assert sorted(rows) == ["(a)", "(b)", "(c)", "(d)", "(e)"]
+    assert all(float(row[2].replace(",", "")) > 0 for row in rows.values())  # images/s
+    assert rows["(b)"][0] == "320" and rows["(d)"][0] == rows["(e)"][0] == str(256 // 16 * 16)  # whole batches
+    assert "median of 3 epochs" in rows["(d)"][3] and "median of 2 epochs" in rows["(e)"][3]
+    assert "real epoch / compute only = " in result.stdout

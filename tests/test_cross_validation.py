@@ -230,3 +230,39 @@ def test_exported_ensemble_reloads_alone_and_equals_the_members_mean(cv_run, tmp
     members = [m.model for m in load_models(parent)]
     expected = ensemble_probabilities(members, patches, tta="dihedral8")
     assert alone.shape == (6, 1) and np.abs(alone[:, 0] - expected).max() < 1e-5
+
+
+def test_compare_cv_pairs_recipes_on_the_same_out_of_fold_patches(cv_run):
+    from histo_transfer.comparison import compare
+
+    # a second recipe on the same data and folds, in the same store (another experiment)
+    result = run_cli([*TINY_CV, "cv.tta=flips", *store_overrides(cv_run["tmp"]), "optimizer.lr=0.01",
+                      "tracking.experiment=recipes"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    client, baseline = cv_run["client"], cv_run["parent"]
+    [other] = client.search_runs([client.get_experiment_by_name("recipes").experiment_id], "tags.kind = 'cv'")
+    ids = [baseline.info.run_id, other.info.run_id]
+
+    mlflow.set_tracking_uri(cv_run["uri"])
+    table = compare(ids, seed=0)
+    assert table["run"].tolist() == ids
+    assert table["oof_auc"].tolist() == pytest.approx([baseline.data.metrics["oof_auc"], other.data.metrics["oof_auc"]])
+    assert table["oof_auc_flips"].tolist() == pytest.approx([baseline.data.metrics["oof_auc_tta"],
+                                                             other.data.metrics["oof_auc_tta"]])
+    assert table["recipe"].tolist() == ["optimizer.lr=0.001", "optimizer.lr=0.01"]  # what differs, tracking aside
+    first, second = table.iloc[0], table.iloc[1]
+    assert first["oof_auc_diff"] == 0 and first["oof_auc_ahead"] == 0
+    assert second["oof_auc_diff"] == pytest.approx(second["oof_auc"] - first["oof_auc"])
+    assert second["oof_auc_diff_low"] <= second["oof_auc_diff"] <= second["oof_auc_diff_high"]
+    assert 0 <= second["oof_auc_ahead"] <= 1 and second["wall_s"] > 0
+
+    printed = run_cli([f"runs=[{ids[0]},{ids[1]}]", f"tracking.uri={cv_run['uri']}"], script="scripts/compare_cv.py")
+    assert printed.returncode == 0, printed.stderr[-3000:]
+    lines = [line for line in printed.stdout.splitlines() if line.startswith("| `")]
+    assert [line.split(" | ")[1] for line in lines] == ["optimizer.lr=0.001", "optimizer.lr=0.01"]
+    assert f"{second['oof_auc_diff']:+.4f}" in lines[1] and "with flips TTA" in printed.stdout
+
+    fold = cv_run["folds"][0].info.run_id  # a fold's run is not a cross-validation
+    refused = run_cli([f"runs=[{ids[0]},{fold}]", f"tracking.uri={cv_run['uri']}"], script="scripts/compare_cv.py")
+    assert refused.returncode == 2 and f"run {fold} is not a finished cross-validation" in refused.stderr
+    assert "Traceback" not in refused.stderr

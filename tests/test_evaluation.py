@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from histo_transfer.evaluation import bootstrap_auc_ci, calibration, summary_text, threshold_metrics, write_report
+from histo_transfer.evaluation import (
+    bootstrap_auc_ci, calibration, paired_auc_difference, summary_text, threshold_metrics, write_report)
 
 LABELS = np.array([0, 0, 0, 0, 1, 1, 1, 1])
 PROBS = np.array([0.1, 0.2, 0.3, 0.8, 0.4, 0.6, 0.7, 0.9])
@@ -34,6 +35,36 @@ def test_bootstrap_interval_brackets_the_auc():
     probs = np.clip(labels * 0.3 + rng.normal(0.35, 0.2, 400), 0, 1)
     low, high = bootstrap_auc_ci(labels, probs)
     assert low < roc_auc_score(labels, probs) < high and high - low < 0.15
+
+
+def test_paired_difference_is_tighter_than_two_separate_intervals():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 600)
+    hardness = rng.normal(0, 1, 600)  # what both models share
+    baseline = labels + hardness + rng.normal(0, 0.3, 600)
+    candidate = labels * 1.15 + hardness + rng.normal(0, 0.3, 600)  # a little better on the same patches
+    difference, low, high, ahead = paired_auc_difference(labels, baseline, candidate, seed=1)
+    assert difference == pytest.approx(roc_auc_score(labels, candidate) - roc_auc_score(labels, baseline))
+    assert 0 < low < difference < high and ahead > 0.975  # the gain is real ...
+    base_low, base_high = bootstrap_auc_ci(labels, baseline, seed=1)
+    assert base_low < roc_auc_score(labels, candidate) < base_high  # ... though the separate intervals overlap
+    assert high - low < (base_high - base_low) / 2
+    assert paired_auc_difference(labels, baseline, baseline) == (0.0, 0.0, 0.0, 0.0)  # a model against itself
+
+
+def test_recipe_names_a_changed_group_once_and_leaves_out_where_files_go():
+    from types import SimpleNamespace
+
+    from histo_transfer.comparison import _recipe_keys
+
+    def run(**params):
+        return SimpleNamespace(data=SimpleNamespace(params=params))
+
+    runs = [run(**{"augmentation.name": "basic", "optimizer.lr": "0.001", "paths.output_dir": "/a", "data.cache_dir": "/a/c"}),
+            run(**{"augmentation.name": "pathology", "augmentation.hue": "0.04", "optimizer.lr": "0.01",
+                   "paths.output_dir": "/b", "data.cache_dir": "/b/c"})]
+    varying = ["augmentation.hue", "augmentation.name", "data.cache_dir", "optimizer.lr", "paths.output_dir"]
+    assert _recipe_keys(varying, runs) == ["augmentation", "optimizer.lr"]
 
 
 def test_report_writes_every_figure_and_table(tmp_path):
