@@ -66,8 +66,9 @@ def compare_predictions(runs: list, predictions: list, seed: int = 0):
             scores = frame[column].to_numpy()
             row[name] = float(roc_auc_score(labels, scores))
             row[f"{name}_ci_low"], row[f"{name}_ci_high"] = bootstrap_auc_ci(labels, scores, seed)
-            (row[f"{name}_diff"], row[f"{name}_diff_low"], row[f"{name}_diff_high"],
-             row[f"{name}_ahead"]) = paired_auc_difference(labels, baseline[column].to_numpy(), scores, seed)
+            difference = (0.0, 0.0, 0.0, 0.0) if frame is baseline else paired_auc_difference(  # itself: exactly 0
+                labels, baseline[column].to_numpy(), scores, seed)
+            row[f"{name}_diff"], row[f"{name}_diff_low"], row[f"{name}_diff_high"], row[f"{name}_ahead"] = difference
         rows.append(row)
     return pd.DataFrame(rows)
 
