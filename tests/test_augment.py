@@ -80,16 +80,40 @@ def test_notebook_with_nothing_to_do_but_flips_only_flips():
 def test_pathology_recompresses_as_jpeg_and_adds_blur_and_noise():
     from histo_transfer.augment import _jpeg_recompress
 
-    smooth = np.tile(np.linspace(0, 255, 96, dtype=np.float32)[None, :, None], (96, 1, 3))[None].repeat(4, 0)
+    smooth = np.tile(np.linspace(0, 255, 96).astype(np.uint8)[None, :, None], (96, 1, 3))[None].repeat(4, 0)
     out = _jpeg_recompress(tf.constant(smooth), tf.constant([1, 2], tf.int64), 1.0, 5, 5).numpy()
-    assert np.abs(out - smooth).mean() > 1  # quality 5: visible loss
+    assert np.abs(out.astype(np.float32) - smooth).mean() > 1  # quality 5: visible loss
+    half = _jpeg_recompress(tf.constant(smooth.repeat(16, 0)), tf.constant([1, 2], tf.int64), 0.5, 5, 5).numpy()
+    recoded = [not np.array_equal(image, smooth[0]) for image in half]
+    assert 10 <= sum(recoded) <= 54  # about half of 64; the rest untouched
+    assert all(np.array_equal(image, out[0]) for image, changed in zip(half, recoded) if changed)
     kept = _jpeg_recompress(tf.constant(smooth), tf.constant([1, 2], tf.int64), 0.0, 5, 5).numpy()
-    assert np.array_equal(kept, np.round(smooth))  # probability 0: untouched
+    assert np.array_equal(kept, smooth)  # probability 0: untouched
     cfg = OmegaConf.load("conf/augmentation/pathology.yaml")
     images = _batch()
     out = build_augmentation(cfg, seed=0)(images, tf.constant([1, 2], tf.int64)).numpy()
+    assert out.dtype == np.uint8  # rounded, as the JPEG codec leaves it
     drift = np.abs(out.mean(axis=(1, 2)) - images.numpy().mean(axis=(1, 2)))
     assert drift.max() > 2  # colour, not only geometry
+
+
+def test_notebook_resampling_equals_tensorflows_projective_transform():
+    """The fused resampling against ImageProjectiveTransformV3 (bilinear, nearest fill) on random
+    rotations, zooms, shifts and flips, including points far outside the patch."""
+    from histo_transfer.augment import _affine_bilinear
+
+    rng = np.random.default_rng(0)
+    images = tf.cast(_batch(32), tf.uint8)
+    angle, zoom = rng.uniform(-np.pi, np.pi, 32), rng.uniform(0.5, 1.5, 32)
+    flips = np.where(rng.uniform(size=(2, 32)) < 0.5, -1.0, 1.0)
+    a00, a01 = np.cos(angle) * zoom * flips[0], -np.sin(angle) * zoom * flips[1]
+    a10, a11 = np.sin(angle) * zoom * flips[0], np.cos(angle) * zoom * flips[1]
+    b0, b1 = rng.uniform(-40, 80, (2, 32))
+    transforms = np.stack([a00, a01, b0, a10, a11, b1], axis=1).astype(np.float32)
+    expected = tf.raw_ops.ImageProjectiveTransformV3(
+        images=tf.cast(images, tf.float32), transforms=np.pad(transforms, [(0, 0), (0, 2)]), output_shape=[96, 96],
+        fill_value=0.0, interpolation="BILINEAR", fill_mode="NEAREST").numpy()
+    assert np.abs(_affine_bilinear(images, tf.constant(transforms)).numpy() - expected).max() < 0.01
 
 
 def test_folded_stain_jitter_equals_the_step_by_step_definition():
@@ -118,14 +142,23 @@ def test_pathology_with_every_strength_zero_only_turns_and_flips():
 
 
 def test_pathology_blurs_the_chosen_share_only():
-    from histo_transfer.augment import _blur_some, _gaussian_kernel
+    from histo_transfer.augment import _blur_choice, _blur_some, _gaussian_kernel
 
     images = _batch(64)
-    out = _blur_some(images, tf.constant([1, 2], tf.int64), 0.3, _gaussian_kernel(1.0)).numpy()
+    chosen, strength = _blur_choice(64, tf.constant([1, 2], tf.int64), 0.3)
+    assert len(set(chosen.numpy())) == 19  # round(0.3 * 64), drawn at random
+    assert not np.array_equal(np.sort(chosen.numpy()), np.arange(19))
+    kernel = _gaussian_kernel(1.0)
+    out = tf.function(_blur_some, jit_compile=True)(images, chosen, strength, tf.constant(kernel)).numpy()
     changed = np.abs(out - images.numpy()).max(axis=(1, 2, 3)) > 1e-3
-    assert 5 <= changed.sum() <= 40  # about 30 % of 64
-    smoothed = np.abs(np.diff(out[changed], axis=2)).mean() < np.abs(np.diff(images.numpy()[changed], axis=2)).mean()
-    assert smoothed
+    assert set(np.flatnonzero(changed)) == set(chosen.numpy())  # the others untouched
+    # each chosen one blended by its strength with a zero-padded separable Gaussian blur
+    depthwise = np.repeat(kernel[:, None, None], 3, axis=1)
+    some = tf.gather(images, chosen)
+    blurred = tf.nn.depthwise_conv2d(some, depthwise[:, None], strides=[1, 1, 1, 1], padding="SAME")
+    blurred = tf.nn.depthwise_conv2d(blurred, depthwise[None], strides=[1, 1, 1, 1], padding="SAME").numpy()
+    expected = some.numpy() + strength.numpy()[:, None, None, None] * (blurred - some.numpy())
+    assert np.abs(out[chosen.numpy()] - expected).max() < 0.01
 
 
 def test_none_is_no_augmentation():
@@ -147,6 +180,22 @@ def test_pipeline_batches_keep_images_and_labels_together():
         assert (y.numpy()[:, 0] == index % 2).all()
         seen += index.tolist()
     assert sorted(seen) == indices.tolist() and seen != indices.tolist()  # all of them, shuffled
+
+
+@pytest.mark.parametrize("name", ["basic", "notebook", "pathology"])
+def test_compiled_augmentations_run_inside_the_pipeline_and_repeat_with_the_seed(name):
+    """Inside tf.data the batch size is unknown when the XLA functions are traced and the last batch
+    is smaller: each shape compiles, and the same seed gives the same epoch."""
+    images = np.random.default_rng(2).integers(0, 256, (40, 96, 96, 3)).astype(np.uint8)
+    augment = build_augmentation(OmegaConf.load(f"conf/augmentation/{name}.yaml"), seed=0)
+
+    def epoch():
+        return [x.numpy() for x, _ in make_dataset(images, np.zeros(40, np.int8), np.arange(40), 16, shuffle=True,
+                                                   augment=augment, seed=3)]
+    first = epoch()
+    assert [len(x) for x in first] == [16, 16, 8]
+    assert all(x.shape[1:] == (96, 96, 3) and x.min() >= 0 and x.max() <= 255 for x in first)
+    assert all(np.array_equal(a, b) for a, b in zip(first, epoch()))
 
 
 def test_bench_input_times_compute_and_real_epochs_alternately(tmp_path):
