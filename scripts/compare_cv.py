@@ -2,6 +2,7 @@
 each against the first with a paired bootstrap on the same patches (prints a markdown table):
 
     python scripts/compare_cv.py 'runs=[<baseline CV run id>,<CV run id>]'
+    python scripts/compare_cv.py runs=<parent run id of a sweep with cv=kfold>
 """
 
 import os

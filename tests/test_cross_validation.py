@@ -235,12 +235,16 @@ def test_exported_ensemble_reloads_alone_and_equals_the_members_mean(cv_run, tmp
 def test_compare_cv_pairs_recipes_on_the_same_out_of_fold_patches(cv_run):
     from histo_transfer.comparison import compare
 
-    # a second recipe on the same data and folds, in the same store (another experiment)
-    result = run_cli([*TINY_CV, "cv.tta=flips", *store_overrides(cv_run["tmp"]), "optimizer.lr=0.01",
+    # two recipes as a sweep of cross-validations on the same data and folds, in the same store
+    result = run_cli(["-m", *TINY_CV, "cv.tta=flips", *store_overrides(cv_run["tmp"]), "optimizer.lr=0.001,0.01",
                       "tracking.experiment=recipes"])
     assert result.returncode == 0, result.stderr[-3000:]
     client, baseline = cv_run["client"], cv_run["parent"]
-    [other] = client.search_runs([client.get_experiment_by_name("recipes").experiment_id], "tags.kind = 'cv'")
+    recipes = client.get_experiment_by_name("recipes").experiment_id
+    [sweep] = client.search_runs([recipes], "tags.kind = 'sweep'")
+    jobs = client.search_runs([recipes], "tags.kind = 'cv'", order_by=["attributes.start_time ASC"])
+    assert [job.data.params["optimizer.lr"] for job in jobs] == ["0.001", "0.01"]
+    other = jobs[1]
     ids = [baseline.info.run_id, other.info.run_id]
 
     mlflow.set_tracking_uri(cv_run["uri"])
@@ -261,6 +265,13 @@ def test_compare_cv_pairs_recipes_on_the_same_out_of_fold_patches(cv_run):
     lines = [line for line in printed.stdout.splitlines() if line.startswith("| `")]
     assert [line.split(" | ")[1] for line in lines] == ["optimizer.lr=0.001", "optimizer.lr=0.01"]
     assert f"{second['oof_auc_diff']:+.4f}" in lines[1] and "with flips TTA" in printed.stdout
+
+    # a sweep parent stands for its cross-validations, the first job as the baseline
+    swept = run_cli([f"runs={sweep.info.run_id}", f"tracking.uri={cv_run['uri']}"], script="scripts/compare_cv.py")
+    assert swept.returncode == 0, swept.stderr[-3000:]
+    rows = [line.split(" | ") for line in swept.stdout.splitlines() if line.startswith("| `")]
+    assert [row[0].strip("|` ") for row in rows] == [job.info.run_id for job in jobs]
+    assert [row[1] for row in rows] == ["optimizer.lr=0.001", "optimizer.lr=0.01"]
 
     fold = cv_run["folds"][0].info.run_id  # a fold's run is not a cross-validation
     refused = run_cli([f"runs=[{ids[0]},{fold}]", f"tracking.uri={cv_run['uri']}"], script="scripts/compare_cv.py")

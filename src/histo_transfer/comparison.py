@@ -20,10 +20,12 @@ def compare_from_config(cfg: DictConfig, context=None):
     from histo_transfer import tracking
 
     tracking.setup(cfg.tracking)
-    runs = list(cfg.runs) if not isinstance(cfg.runs, str) else [cfg.runs]
+    refs = list(cfg.runs) if not isinstance(cfg.runs, str) else [cfg.runs]
+    runs = [run_id for ref in refs for run_id in cv_runs_of(str(ref))]
     if len(runs) < 2:
-        raise ConfigError("runs", "give two or more CV parent run ids, the baseline first: 'runs=[BASELINE,OTHER]'")
-    table = compare([str(run) for run in runs], cfg.data.seed)
+        raise ConfigError("runs", "give two or more CV parent run ids, the baseline first: 'runs=[BASELINE,OTHER]', "
+                                  "or a sweep of cross-validations (`train.py -m cv=kfold ...`)")
+    table = compare(runs, cfg.data.seed)
     print(markdown(table))
     return table
 
@@ -96,6 +98,28 @@ def markdown(table) -> str:
                 f"{row[name + '_ahead']:.0%}"])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def cv_runs_of(ref: str) -> list[str]:
+    """The CV parent runs a reference stands for: a sweep parent run (`train.py -m cv=kfold ...`)
+    stands for its finished cross-validations in the order the jobs started (the first job is the
+    baseline); any other run for itself (checked when its predictions are read)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.tracking.MlflowClient()
+    try:
+        run = client.get_run(ref)
+    except MlflowException:
+        raise ConfigError("runs", f"no run {ref} in {mlflow.get_tracking_uri()}") from None
+    if run.data.tags.get("kind") != "sweep":
+        return [ref]
+    jobs = client.search_runs([run.info.experiment_id], max_results=10_000, order_by=["attributes.start_time ASC"],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{ref}' and tags.kind = 'cv' "
+                                            "and attributes.status = 'FINISHED'")
+    if not jobs:
+        raise ConfigError("runs", f"sweep {ref} has no finished cross-validation: sweep with cv=kfold")
+    return [job.info.run_id for job in jobs]
 
 
 def _oof_predictions(run_id: str):
