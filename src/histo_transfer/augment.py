@@ -7,8 +7,8 @@ its input itself.
 
 The random draws are plain TensorFlow ops; the per-pixel maths runs in functions XLA compiles into
 one loop (`_fused`). TensorFlow on a CPU makes one memory-bound pass over the batch per op; fused,
-resampling costs a fifth and the colour maths a third of the CPU time, which at 96 px is time the
-training step no longer waits for (README, "Is my run limited by input or by compute?").
+`notebook` costs a quarter and `pathology` 60 % of the CPU time, time that at 96 px the training
+step no longer waits for (README, "Is my run limited by input or by compute?").
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def _affine_bilinear(images, transforms):
     """Output pixel (x, y) of image b reads the input at (t0 x + t1 y + t2, t3 x + t4 y + t5), t =
     transforms[b], bilinearly; points outside move to the nearest edge (ImageDataGenerator's
     fill_mode="nearest"). What ImageProjectiveTransformV3 computes, but the point once per pixel
-    rather than per channel, and fused: 5x less CPU. float32 out."""
+    rather than per channel, and fused: a quarter of its CPU time. float32 out."""
     import tensorflow as tf
 
     batch, height, width = tf.shape(images)[0], tf.shape(images)[1], tf.shape(images)[2]

@@ -105,18 +105,13 @@ def cv_runs_of(ref: str) -> list[str]:
     stands for its finished cross-validations in the order the jobs started (the first job is the
     baseline); any other run for itself (checked when its predictions are read)."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
-    client = mlflow.tracking.MlflowClient()
-    try:
-        run = client.get_run(ref)
-    except MlflowException:
-        raise ConfigError("runs", f"no run {ref} in {mlflow.get_tracking_uri()}") from None
+    from histo_transfer.parent_runs import child_runs
+
+    run = _run(ref)
     if run.data.tags.get("kind") != "sweep":
         return [ref]
-    jobs = client.search_runs([run.info.experiment_id], max_results=10_000, order_by=["attributes.start_time ASC"],
-                              filter_string=f"tags.`mlflow.parentRunId` = '{ref}' and tags.kind = 'cv' "
-                                            "and attributes.status = 'FINISHED'")
+    jobs = child_runs(mlflow.tracking.MlflowClient(), run, "tags.kind = 'cv' and attributes.status = 'FINISHED'")
     if not jobs:
         raise ConfigError("runs", f"sweep {ref} has no finished cross-validation: sweep with cv=kfold")
     return [job.info.run_id for job in jobs]
@@ -126,18 +121,23 @@ def _oof_predictions(run_id: str):
     """(run, its cv/oof_predictions.csv indexed by id and sorted) of a finished CV parent run."""
     import mlflow
     import pandas as pd
-    from mlflow.exceptions import MlflowException
 
-    client = mlflow.tracking.MlflowClient()
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        raise ConfigError("runs", f"no run {run_id} in {mlflow.get_tracking_uri()}") from None
+    run = _run(run_id)
     if run.data.tags.get("kind") != "cv" or "oof_auc" not in run.data.metrics:
         raise ConfigError("runs", f"run {run_id} is not a finished cross-validation (a parent run with tag kind=cv "
                                   "and oof_auc; train.py cv=kfold makes one)")
     path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="cv/oof_predictions.csv")
     return run, pd.read_csv(path, dtype={"id": str}).set_index("id").sort_index()
+
+
+def _run(run_id: str):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.tracking.MlflowClient().get_run(run_id)
+    except MlflowException:
+        raise ConfigError("runs", f"no run {run_id} in {mlflow.get_tracking_uri()}") from None
 
 
 def _recipe_keys(varying: list[str], runs) -> list[str]:

@@ -65,9 +65,7 @@ class ParentRun:
         return {PARENT_TAG: self.run_id}
 
     def children(self) -> list:
-        experiment = self.client.get_run(self.run_id).info.experiment_id
-        return self.client.search_runs([experiment], filter_string=f"tags.`{PARENT_TAG}` = '{self.run_id}'",
-                                       max_results=10_000)
+        return child_runs(self.client, self.client.get_run(self.run_id))
 
     def summarise(self, name: str = "summary") -> str | None:
         """Summary table and plot (`summary/<name>.csv|png`), best-child marks; returns the best child's id."""
@@ -103,6 +101,14 @@ class ParentRun:
     def end_if_running(self) -> None:
         if self.client.get_run(self.run_id).info.status == "RUNNING":
             self.end("FAILED")
+
+
+def child_runs(client: MlflowClient, parent, where: str = "") -> list:
+    """The runs nested under `parent` (an MLflow run), oldest first; `where` narrows them further
+    (MLflow filter syntax, e.g. "tags.kind = 'cv'")."""
+    condition = f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'" + (f" and {where}" if where else "")
+    return client.search_runs([parent.info.experiment_id], filter_string=condition, max_results=10_000,
+                              order_by=["attributes.start_time ASC"])
 
 
 def varying_params(runs) -> list[str]:

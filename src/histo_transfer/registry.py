@@ -10,6 +10,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from histo_transfer.errors import ConfigError, UserError
+from histo_transfer.parent_runs import child_runs
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 MODEL_ARTIFACT = "model/model.keras"  # where a training run puts its best model
@@ -42,9 +43,8 @@ def member_refs(ref, top_k: int = 5) -> list[str]:
     kind = run.data.tags.get("kind")
     if kind not in ("cv", "sweep"):
         return [ref]
-    children = [child for child in client.search_runs(
-        [run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{ref}'", max_results=10_000)
-        if child.info.status == "FINISHED" and child.data.tags.get("kind") in (None, "cv-fold")]
+    children = [child for child in child_runs(client, run)
+                if child.info.status == "FINISHED" and child.data.tags.get("kind") in (None, "cv-fold")]
     if kind == "cv":
         children.sort(key=lambda child: int(child.data.tags.get("cv.fold", 0)))
     else:  # the objective each job optimised; its direction is a param of the jobs
