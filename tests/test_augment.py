@@ -141,6 +141,25 @@ def test_pathology_with_every_strength_zero_only_turns_and_flips():
         assert any(np.array_equal(augmented, view) for view in _dihedral_images(original))
 
 
+def test_pathology_hue_and_saturation_keep_luma_and_scale_chroma_per_patch():
+    """Hue turns and saturation scales each patch's (I, Q) plane and leaves luma (Y) alone; compared
+    as sorted pixel values per patch, since the patch also took one of the 8 views."""
+    from histo_transfer.augment import _YIQ_FROM_RGB
+
+    cfg = OmegaConf.load("conf/augmentation/pathology.yaml")
+    cfg.update(stain_sigma=0.0, hue=0.2, saturation=0.5, blur_probability=0.0, noise_std=0.0, jpeg_probability=0.0)
+    images = np.random.default_rng(3).integers(90, 166, (8, 96, 96, 3)).astype(np.uint8)  # no clipping at 0 or 255
+    out = build_augmentation(cfg, seed=0)(tf.constant(images), tf.constant([5, 6], tf.int64)).numpy()
+    before, after = images.astype(np.float64) @ _YIQ_FROM_RGB.T, out.astype(np.float64) @ _YIQ_FROM_RGB.T
+    luma = np.sort(before[..., 0].reshape(8, -1), axis=1), np.sort(after[..., 0].reshape(8, -1), axis=1)
+    assert np.abs(luma[0] - luma[1]).max() < 1.0  # rounding to uint8 only
+    chroma = [np.sort(np.hypot(yiq[..., 1], yiq[..., 2]).reshape(8, -1), axis=1) for yiq in (before, after)]
+    ratio = chroma[1].mean(axis=1) / chroma[0].mean(axis=1)
+    assert ((ratio > 0.5 - 0.02) & (ratio < 1.5 + 0.02)).all() and ratio.std() > 0.05  # one factor per patch
+    turned = np.arctan2(after[..., 2], after[..., 1]).mean(axis=(1, 2)) - np.arctan2(before[..., 2], before[..., 1]).mean(axis=(1, 2))
+    assert np.abs(turned).max() > 0.1  # and the hue moved
+
+
 def test_pathology_blurs_the_chosen_share_only():
     from histo_transfer.augment import _blur_choice, _blur_some, _gaussian_kernel
 
