@@ -206,6 +206,10 @@ def test_a_sweep_parent_stands_for_its_best_jobs(tmp_path):
     jobs = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
                   key=lambda r: -r.data.metrics["best_val_auc"])
     assert member_refs(parent.info.run_id, top_k=2) == [j.info.run_id for j in jobs[:2]]
+    from histo_transfer.comparison import cv_runs_of
+
+    with pytest.raises(ConfigError, match=f"sweep {parent.info.run_id} has no finished cross-validation"):
+        cv_runs_of(parent.info.run_id)  # compare_cv needs out-of-fold predictions; these jobs have none
 
 
 def test_exported_ensemble_reloads_alone_and_equals_the_members_mean(cv_run, tmp_path):
