@@ -180,3 +180,19 @@ def test_credentials_in_uris_are_redacted(text, expected):
     from histo_transfer.tracking import redact_uri
 
     assert redact_uri(text) == expected
+
+
+def test_what_runs_write_under_the_project_root_is_ignored_by_git():
+    """paths.output_dir and paths.cache_dir default to the project root: no run output may show up as
+    a change to commit (the outbox's unsent/ once did, while a run was sending)."""
+    import shutil
+    import subprocess
+
+    from conftest import ROOT
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout: nothing to ignore")
+    written = ["outputs/x.png", "multirun/x", "checkpoints/x", "unsent/run/outbox.json", "mlruns/mlflow.db",
+               ".cache/x", "submission.csv"]
+    result = subprocess.run(["git", "check-ignore", "--no-index", *written], cwd=ROOT, capture_output=True, text=True)
+    assert sorted(result.stdout.split()) == sorted(written)
