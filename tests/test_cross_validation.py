@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from sklearn.metrics import roc_auc_score
 
 from conftest import CONF_DIR, ROOT, TINY_RUN, compose_config, run_cli, store_overrides, write_kaggle_layout
+from histo_transfer.comparison import cv_runs_of
 from histo_transfer.data.folds import assign_folds
 from histo_transfer.errors import ConfigError
 
@@ -206,8 +207,6 @@ def test_a_sweep_parent_stands_for_its_best_jobs(tmp_path):
     jobs = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
                   key=lambda r: -r.data.metrics["best_val_auc"])
     assert member_refs(parent.info.run_id, top_k=2) == [j.info.run_id for j in jobs[:2]]
-    from histo_transfer.comparison import cv_runs_of
-
     with pytest.raises(ConfigError, match=f"sweep {parent.info.run_id} has no finished cross-validation"):
         cv_runs_of(parent.info.run_id)  # compare_cv needs out-of-fold predictions; these jobs have none
 

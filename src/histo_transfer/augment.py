@@ -92,7 +92,7 @@ def strong(cfg, seed: int) -> Augment:
 
 def random_dihedral(images, pair):
     """One of the 8 flips/90-degree rotations per (square) image, uniformly, in the images' own dtype."""
-    return _fused_dihedral(images, _dihedral_views(images, pair))
+    return _dihedral(images, _dihedral_views(images, pair))
 
 
 def _dihedral_views(images, pair):
@@ -102,6 +102,7 @@ def _dihedral_views(images, pair):
     return tf.random.stateless_uniform([tf.shape(images)[0]], seed=pair, maxval=8, dtype=tf.int32)
 
 
+@_fused
 def _dihedral(images, views):
     """Each image's view as one gather of pixels (compiled on its own: XLA would repeat a fused gather
     for every read of its output)."""
@@ -117,8 +118,6 @@ def _dihedral(images, views):
     pixels = tf.reshape(images, [-1, tf.shape(images)[3]])
     return tf.gather(pixels, (tf.range(batch) * size * size)[:, None, None] + source)
 
-
-_fused_dihedral = _fused(_dihedral)
 
 
 def stain_jitter(images, pair, sigma: float):
@@ -269,7 +268,7 @@ def pathology(cfg, seed: int) -> Augment:
         noise = per_image(7, 0, cfg.noise_std)
         # the view in its own compiled call: fused into the maths below, XLA would recompute the
         # gather for every read of a pixel (nearly twice the time of both calls together)
-        pixels = _pathology_pixels(_fused_dihedral(images, views), stain, stain_offset, colour, blurred, strength,
+        pixels = _pathology_pixels(_dihedral(images, views), stain, stain_offset, colour, blurred, strength,
                                    kernel, bank, tile, noise)
         return _jpeg_recompress(pixels, pair + 8, cfg.jpeg_probability, low_quality, high_quality)
     return augment
