@@ -11,6 +11,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import CONF_DIR, TINY_RUN, compose_config, run_cli, store_overrides
+from histo_transfer.objective import Objective
+from histo_transfer.parent_runs import ParentRun
 from histo_transfer.training_run import train
 
 pytestmark = pytest.mark.slow
@@ -55,6 +57,23 @@ def test_grid_sweep_is_one_parent_with_nested_jobs_and_a_summary(tmp_path):
     assert f"run `{best.info.run_id}`" in note and note.count("| FINISHED |") == 4
     champion = client.get_model_version_by_alias("sweep-best", "champion")  # tracking.register_best
     assert champion.run_id == best.info.run_id
+
+
+@pytest.mark.parametrize("children, ends", [(["FINISHED", "KILLED"], "KILLED"), (["KILLED", "FAILED"], "FAILED"),
+                                            ([], "FAILED")])
+def test_a_parent_its_process_left_running_ends_killed_after_ctrl_c_else_failed(tmp_path, monkeypatch, children, ends):
+    # at exit (atexit): Ctrl-C ends the training run KILLED, so a KILLED latest child means an interruption
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient()
+    experiment = client.create_experiment("sweeps")
+    parent = ParentRun.create(experiment, "sweep", {"kind": "sweep"}, Objective(), only_this_process=False)
+    for started, status in enumerate(children, start=1):
+        child = client.create_run(experiment, start_time=started * 1000, tags=parent.child_tags)
+        client.set_terminated(child.info.run_id, status)
+    parent.end_if_running()
+    assert client.get_run(parent.run_id).info.status == ends
+    parent.end_if_running()  # a parent that has ended keeps its status
+    assert client.get_run(parent.run_id).info.status == ends
 
 
 def test_epochs_zero_compares_backbones(tmp_path):

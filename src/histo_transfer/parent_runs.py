@@ -2,7 +2,7 @@
 
 Children carry MLflow's `mlflow.parentRunId` tag, so the UI folds them under the parent. At the end
 the parent gets a summary table and plot, the best child (by the objective) and that child's
-differing params, and always ends: FINISHED, or FAILED when its process dies half-way.
+differing params, and always ends: FINISHED, KILLED when its process is interrupted, or FAILED when it dies half-way.
 """
 
 from __future__ import annotations
@@ -99,8 +99,11 @@ class ParentRun:
         self.client.set_terminated(self.run_id, status)
 
     def end_if_running(self) -> None:
+        """At exit, a parent still RUNNING lost its process half-way: KILLED when that was Ctrl-C (its
+        latest child ended KILLED, as an interrupted training run does), else FAILED."""
         if self.client.get_run(self.run_id).info.status == "RUNNING":
-            self.end("FAILED")
+            children = self.children()
+            self.end("KILLED" if children and children[-1].info.status == "KILLED" else "FAILED")
 
 
 def child_runs(client: MlflowClient, parent, where: str = "") -> list:
