@@ -61,9 +61,9 @@ def test_grid_sweep_is_one_parent_with_nested_jobs_and_a_summary(tmp_path):
 
 @pytest.mark.parametrize("children, ends", [(["FINISHED", "KILLED"], "KILLED"), (["KILLED", "FAILED"], "FAILED"),
                                             ([], "FAILED")])
-def test_a_parent_its_process_left_running_ends_killed_after_ctrl_c_else_failed(tmp_path, monkeypatch, children, ends):
+def test_a_parent_its_process_left_running_ends_killed_after_ctrl_c_else_failed(tmp_path, children, ends):
     # at exit (atexit): Ctrl-C ends the training run KILLED, so a KILLED latest child means an interruption
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")  # over any store an earlier test set
     client = MlflowClient()
     experiment = client.create_experiment("sweeps")
     parent = ParentRun.create(experiment, "sweep", {"kind": "sweep"}, Objective(), only_this_process=False)
