@@ -119,7 +119,6 @@ def _dihedral(images, views):
     return tf.gather(pixels, (tf.range(batch) * size * size)[:, None, None] + source)
 
 
-
 def stain_jitter(images, pair, sigma: float):
     """Scale and shift each stain's concentration per image (Tellez et al., 2018), in optical density."""
     return _fused_stain(images, *_stain_parameters(images, pair, sigma))

@@ -2,7 +2,8 @@
 
 Children carry MLflow's `mlflow.parentRunId` tag, so the UI folds them under the parent. At the end
 the parent gets a summary table and plot, the best child (by the objective) and that child's
-differing params, and always ends: FINISHED, KILLED when its process is interrupted, or FAILED when it dies half-way.
+differing params, and always ends: FINISHED, KILLED when its process is interrupted (Ctrl-C), or
+FAILED when it dies half-way.
 """
 
 from __future__ import annotations
