@@ -238,3 +238,13 @@ def test_bench_input_times_compute_and_real_epochs_alternately(tmp_path):
     ratios = [int(value.rstrip("%")) for value in paired.split(", ")]
     headline = int(result.stdout.split("real epoch / compute only = ")[1].split("%")[0])
     assert len(ratios) == 2 and abs(headline - statistics.median(ratios)) <= 1  # the median of one per real epoch (rounded)
+    low, high = (int(value.rstrip("%")) for value in result.stdout.split("95 % interval ")[1].split(";")[0].split("-"))
+    assert min(ratios) - 1 <= low <= headline <= high <= max(ratios) + 1  # resampled medians lie within the epochs'
+    cpu = result.stdout.split("CPU time per patch: ")[1].splitlines()[0]
+    pipeline_us, step_us = (float(part.split(" µs")[0].rsplit(" ", 1)[1].replace(",", "")) for part in cpu.split(", ")[:2])
+    share = float(cpu.split("(p = ")[1].split("%")[0]) / 100
+    assert pipeline_us > 0 and step_us > 0  # both printed rounded to whole µs:
+    assert abs(share - pipeline_us / step_us) <= share * (0.5 / pipeline_us + 0.5 / step_us) + 0.001
+    needed = float(cpu.split("the pipeline needs ")[1].split(" cores")[0])
+    compute_rate = float(rows["(d)"][2].replace(",", ""))
+    assert abs(needed - pipeline_us * 1e-6 * compute_rate) <= 0.01 + needed * 0.5 / pipeline_us
