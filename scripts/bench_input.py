@@ -11,9 +11,10 @@ Measures, in one process, on the same data and augmentation, images per second o
   (f) building the packed cache of a class-per-folder JPEG set (data=folders; default
       ../shared/data/pcam_folders when present),
 and prints one table, then the CPU time per patch of (c) and of (d), and how many cores the
-pipeline needs at compute-only speed against how many the step leaves idle: above that, a real epoch
-must slow down; below it, what it loses comes from sharing cores with the step. The source layout (default: ../shared/data/pcam_sample beside the checkout,
-else the built-in synthetic data) is repeated with hard links to --images patches.
+pipeline needs at compute-only speed against how many the step leaves idle: above that, a real
+epoch must slow down; below it, what it loses comes from sharing cores with the step. The source
+layout (default: ../shared/data/pcam_sample beside the checkout, else the built-in synthetic data)
+is repeated with hard links to --images patches.
 
     python scripts/bench_input.py --images 20000 --backbone mobilenet_v1
 """
@@ -255,8 +256,8 @@ def print_table(rows, ratios, cpu_per_patch, args) -> None:
     idle = os.cpu_count() - cpu_per_patch["cores busy"]
     needed = cpu_per_patch["pipeline"] * rates["(d)"]
     print(f"\nCPU time per patch: pipeline (c) {cpu_per_patch['pipeline'] * 1e6:,.0f} µs, training step (d) "
-          f"{cpu_per_patch['step'] * 1e6:,.0f} µs (p = {share:.1%}); compute only leaves {idle:.2f} of "
-          f"{os.cpu_count()} cores idle, and at its speed the pipeline needs {needed:.2f} cores")
+          f"{cpu_per_patch['step'] * 1e6:,.0f} µs (the pipeline {share:.1%} of the step); "
+          f"compute only leaves {idle:.2f} of {os.cpu_count()} cores idle, and at its speed the pipeline needs {needed:.2f} cores")
     print(f"\ncache build {rates['(b)']:,.0f} images/s (target >= 3,000); "
           f"pipeline / notebook loader = {rates['(c)'] / rates['(a)']:.0f}x (target >= 20x); "
           f"real epoch / compute only = {statistics.median(ratios):.0%}, median of those "

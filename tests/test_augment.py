@@ -241,8 +241,9 @@ def test_bench_input_times_compute_and_real_epochs_alternately(tmp_path):
     low, high = (int(value.rstrip("%")) for value in result.stdout.split("95 % interval ")[1].split(";")[0].split("-"))
     assert min(ratios) - 1 <= low <= headline <= high <= max(ratios) + 1  # resampled medians lie within the epochs'
     cpu = result.stdout.split("CPU time per patch: ")[1].splitlines()[0]
-    pipeline_us, step_us = (float(part.split(" µs")[0].rsplit(" ", 1)[1].replace(",", "")) for part in cpu.split(", ")[:2])
-    share = float(cpu.split("(p = ")[1].split("%")[0]) / 100
+    pipeline_us, step_us = (float(part.split(" µs")[0].rsplit(" ", 1)[1].replace(",", ""))
+                            for part in cpu.split(", ")[:2])
+    share = float(cpu.split(" µs (the pipeline ")[1].split("%")[0]) / 100
     assert pipeline_us > 0 and step_us > 0  # both printed rounded to whole µs:
     assert abs(share - pipeline_us / step_us) <= share * (0.5 / pipeline_us + 0.5 / step_us) + 0.001
     needed = float(cpu.split("the pipeline needs ")[1].split(" cores")[0])
