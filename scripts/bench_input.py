@@ -56,8 +56,8 @@ def main() -> None:
         work = Path(tmp)
         source = args.source or _synthetic_source(work)
         layout = replicate(source, work / "layout", args.images)
-        rows, ratios, cpu_per_patch = run_benchmarks(layout, work, args)
-    print_table(rows, ratios, cpu_per_patch, args)
+        rows, ratios, cpu_use = run_benchmarks(layout, work, args)
+    print_table(rows, ratios, cpu_use, args)
 
 
 def _augmentations() -> list[str]:
@@ -132,13 +132,14 @@ def run_benchmarks(layout: Path, work: Path, args) -> list[tuple[str, int, float
     steps = len(data.train_indices) // args.batch_size
     rows.append(("(d) training steps on an in-memory batch (compute only)", steps * args.batch_size,
                  statistics.median(compute), f"{cfg.backbone.name} at {args.input_size} px; median of {len(compute)} epochs"))
-    cpu_per_patch = {"pipeline": pipeline_cpu, "step": statistics.median(compute_cpu) / (steps * args.batch_size),
-                     "cores busy": statistics.median(cpu / wall for cpu, wall in zip(compute_cpu, compute))}
+    cpu_use = {"pipeline per patch": pipeline_cpu,  # one fresh pass, as row (c): shuffle-buffer fill included
+               "step per patch": statistics.median(compute_cpu) / (steps * args.batch_size),
+               "cores busy": statistics.median(cpu / wall for cpu, wall in zip(compute_cpu, compute))}
     rows.append(("(e) real training epoch fed by (c)", steps * args.batch_size, statistics.median(real),
                  f"median of {len(real)} epochs, each between two of (d)"))
     if args.folders is not None:
         rows.append(folders_cache_build(args.folders, work))
-    return rows, paired_ratios(compute, real), cpu_per_patch
+    return rows, paired_ratios(compute, real), cpu_use
 
 
 def paired_ratios(compute: list[float], real: list[float]) -> list[float]:
@@ -239,7 +240,7 @@ def epoch_timer():
     return timer
 
 
-def print_table(rows, ratios, cpu_per_patch, args) -> None:
+def print_table(rows, ratios, cpu_use, args) -> None:
     rates = {row[0][:3]: row[1] / row[2] for row in rows}
     print(f"\nInput benchmark: {args.images} patches, batch {args.batch_size}, augmentation {args.augmentation}, "
           f"{os.cpu_count()} CPU cores\n")
@@ -251,13 +252,12 @@ def print_table(rows, ratios, cpu_per_patch, args) -> None:
         print(f"\nJPEG class folders: cache build {rates['(f)']:,.0f} images/s (target >= 3,000)")
     print(f"\nreal epoch / compute only, each real epoch against the compute epochs either side: "
           f"{', '.join(f'{ratio:.0%}' for ratio in ratios)}")
+    pipeline, step = cpu_use["pipeline per patch"], cpu_use["step per patch"]
+    idle = os.cpu_count() - cpu_use["cores busy"]
+    print(f"\nCPU time per patch: pipeline (c) {pipeline * 1e6:,.0f} µs, training step (d) {step * 1e6:,.0f} µs "
+          f"(the pipeline {pipeline / step:.1%} of the step); compute only leaves {idle:.2f} of {os.cpu_count()} "
+          f"cores idle, and at its speed the pipeline needs {pipeline * rates['(d)']:.2f} cores")
     low, high = median_interval(ratios)
-    share = cpu_per_patch["pipeline"] / cpu_per_patch["step"]
-    idle = os.cpu_count() - cpu_per_patch["cores busy"]
-    needed = cpu_per_patch["pipeline"] * rates["(d)"]
-    print(f"\nCPU time per patch: pipeline (c) {cpu_per_patch['pipeline'] * 1e6:,.0f} µs, training step (d) "
-          f"{cpu_per_patch['step'] * 1e6:,.0f} µs (the pipeline {share:.1%} of the step); "
-          f"compute only leaves {idle:.2f} of {os.cpu_count()} cores idle, and at its speed the pipeline needs {needed:.2f} cores")
     print(f"\ncache build {rates['(b)']:,.0f} images/s (target >= 3,000); "
           f"pipeline / notebook loader = {rates['(c)'] / rates['(a)']:.0f}x (target >= 20x); "
           f"real epoch / compute only = {statistics.median(ratios):.0%}, median of those "
