@@ -50,13 +50,37 @@ def test_grid_sweep_is_one_parent_with_nested_jobs_and_a_summary(tmp_path):
     assert table.loc[table["best"], "run_id"].item() == best.info.run_id
     assert parent.data.tags["best_child_run_id"] == best.info.run_id
     assert client.get_run(best.info.run_id).data.tags["best_in_sweep"] == "true"
-    assert parent.data.params["best.optimizer.lr"] == best.data.params["optimizer.lr"]
+    assert parent.data.tags["best.optimizer.lr"] == best.data.params["optimizer.lr"]
     assert {"summary/sweep_summary.csv", "summary/sweep_summary.png"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
     note = parent.data.tags["mlflow.note.content"]  # the parent's description in the UI
     assert f"run `{best.info.run_id}`" in note and note.count("| FINISHED |") == 4
     champion = client.get_model_version_by_alias("sweep-best", "champion")  # tracking.register_best
     assert champion.run_id == best.info.run_id
+
+
+def test_an_interrupted_sweep_resumes_into_the_same_parent_and_keeps_its_finished_jobs(tmp_path):
+    command = ["-m", *TINY_SWEEP, *store_overrides(tmp_path), "optimizer.lr=0.001,0.01"]
+    result = run_cli(command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client, parent, children = sweep_runs(tmp_path)
+    first, second = sorted(children, key=lambda run: run.info.start_time)
+    # what Ctrl-C in the second job's first epoch leaves: that job and the sweep KILLED, no epoch saved
+    client.set_terminated(second.info.run_id, "KILLED")
+    client.set_terminated(parent.info.run_id, "KILLED")
+
+    result = run_cli([*command, "trainer.resume=true"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    client, again, children = sweep_runs(tmp_path)  # still exactly one sweep parent
+    assert again.info.run_id == parent.info.run_id and again.info.status == "FINISHED"
+    runs = sorted(children, key=lambda run: run.info.start_time)
+    assert [(r.info.run_id, r.info.status) for r in runs[:2]] == [(first.info.run_id, "FINISHED"),
+                                                                  (second.info.run_id, "KILLED")]
+    [rerun] = runs[2:]  # the finished job kept, not trained again; the killed one run anew
+    assert rerun.info.status == "FINISHED" and rerun.data.params["optimizer.lr"] == "0.01"
+    assert set(summary(client, again)["run_id"]) == {r.info.run_id for r in runs}
+    finished = [first, rerun]
+    assert again.data.tags["best_child_run_id"] == max(finished, key=lambda r: r.data.metrics["best_val_auc"]).info.run_id
 
 
 @pytest.mark.parametrize("children, ends", [(["FINISHED", "KILLED"], "KILLED"), (["KILLED", "FAILED"], "FAILED"),
@@ -100,7 +124,7 @@ def test_optuna_search_over_the_learning_rate(tmp_path):
     rates = [float(c.data.params["optimizer.lr"]) for c in children]
     assert all(1e-5 <= r <= 0.1 for r in rates) and len(set(rates)) == 3
     best = max(children, key=lambda c: c.data.metrics["best_val_auc"])
-    assert math.isclose(float(parent.data.params["best.optimizer.lr"]), float(best.data.params["optimizer.lr"]))
+    assert math.isclose(float(parent.data.tags["best.optimizer.lr"]), float(best.data.params["optimizer.lr"]))
     assert parent.data.metrics["best_val_auc"] == pytest.approx(best.data.metrics["best_val_auc"])
 
 

@@ -245,7 +245,7 @@ def _parent_run(record: Path, whole, cfg, experiment_id, context, objective, gro
     name = "cv " + (cfg.tracking.run_name or tracking.run_name_from_overrides(
         [o for o in context.overrides if not o.startswith(("cv.fold", "trainer.resume"))]))
     parent = ParentRun.create(experiment_id, name, tags, objective, params=tracking.flat_params(whole),
-                              resumable=True, only_this_process=cfg.cv.fold is None)
+                              only_this_process=cfg.cv.fold is None)
     record.write_text(parent.run_id)
     return parent
 

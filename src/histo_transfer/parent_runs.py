@@ -27,20 +27,17 @@ RESULT_METRICS = ("best_val_loss", "best_val_accuracy", "best_val_auc", "best_ep
 
 
 class ParentRun:
-    def __init__(self, run_id: str, objective: Objective, resumable: bool = False):
+    def __init__(self, run_id: str, objective: Objective):
         self.client = MlflowClient(mlflow.get_tracking_uri())
         self.run_id, self.objective = run_id, objective
-        # MLflow params never change, so a parent that may be resumed (and improve) keeps `best.*` as tags
-        self.resumable = resumable
 
     @classmethod
     def create(cls, experiment_id: str, name: str, tags: dict[str, str], objective: Objective,
-               params: dict[str, str] | None = None, resumable: bool = False,
-               only_this_process: bool = True) -> "ParentRun":
+               params: dict[str, str] | None = None, only_this_process: bool = True) -> "ParentRun":
         """A new parent. `only_this_process`: no other process adds children, so when this one exits the
         parent must have ended (FAILED if not); False for parents shared by a launcher's jobs."""
         parent = cls(MlflowClient(mlflow.get_tracking_uri()).create_run(
-            experiment_id, run_name=name, tags=tags).info.run_id, objective, resumable)
+            experiment_id, run_name=name, tags=tags).info.run_id, objective)
         if params:
             parent.client.log_batch(parent.run_id, params=[Param(k, v) for k, v in params.items()])
         if only_this_process:
@@ -52,7 +49,7 @@ class ParentRun:
     def resume(cls, run_id: str, objective: Objective, only_this_process: bool = True) -> "ParentRun":
         """Continue a parent. When only this process adds children, those left RUNNING died with the
         interrupted process, and end KILLED."""
-        parent = cls(run_id, objective, resumable=True)
+        parent = cls(run_id, objective)
         if only_this_process:
             for child in parent.children():
                 if child.info.status == "RUNNING":
@@ -80,11 +77,8 @@ class ParentRun:
         self.client.set_tag(self.run_id, "best_child_run_id", best["run_id"])
         self.client.log_metric(self.run_id, self.objective.best_metric, float(best[self.objective.best_metric]))
         self.client.log_metric(self.run_id, "n_jobs", len(children))
-        for key in varying_params(children):
-            if self.resumable:
-                self.client.set_tag(self.run_id, f"best.{key}", str(best[key]))
-            else:
-                self.client.log_param(self.run_id, f"best.{key}", best[key])
+        for key in varying_params(children):  # tags, not params: a resumed parent may find a new best
+            self.client.set_tag(self.run_id, f"best.{key}", str(best[key]))
         self.client.set_tag(self.run_id, NOTE_TAG, describe(table, self.objective))
         with tempfile.TemporaryDirectory() as tmp:
             table.to_csv(Path(tmp) / f"{name}.csv", index=False)

@@ -2,11 +2,14 @@
 
 Registered in conf/config.yaml (hydra.callbacks). The parent's id reaches the jobs through the
 environment, which launchers hand to the processes they start (joblib, SLURM); the CLI layer reads
-it into each job's RunContext.
+it into each job's RunContext. The same sweep command plus `trainer.resume=true` continues the
+sweep's last parent (recorded under trainer.checkpoint_dir), and its jobs keep what they finished.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -18,6 +21,7 @@ from omegaconf import DictConfig
 log = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "HISTO_TRANSFER_PARENT_RUN_ID"
+PARENT_RUN_FILE = "parent_run_id"
 
 
 class MlflowSweep(Callback):
@@ -34,15 +38,24 @@ class MlflowSweep(Callback):
         searched = {str(k): str(v) for k, v in (config.hydra.sweeper.get("params") or {}).items()}
         name = config.tracking.run_name or "sweep " + tracking.run_name_from_overrides(
             overrides + [f"{k}={v}" for k, v in searched.items()])
-        self.parent = ParentRun.create(experiment_id, name, {
-            "kind": "sweep",
-            "sweep_overrides": tracking.redact_uri(" ".join(overrides)) or "(none)",
-            "sweep_search_space": " ".join(f"{k}={v}" for k, v in searched.items()) or "(grid)",
-            "sweep_dir": str(config.hydra.sweep.dir),
-            "sweeper": str(config.hydra.sweeper.get("_target_", "")),
-            "launcher": str(config.hydra.launcher.get("_target_", "")),
-            "mlflow.source.git.commit": tracking.git_commit(Path(config.paths.root_dir)),
-        }, Objective.from_config(config.objective))
+        objective = Objective.from_config(config.objective)
+        record = _parent_record(config, overrides, searched)
+        previous = record.read_text().strip() if config.trainer.resume and record.exists() else None
+        if previous and _is_run(previous):
+            self.parent = ParentRun.resume(previous, objective)
+            log.info("continuing sweep %s: jobs it finished are kept", self.parent.run_id)
+        else:
+            self.parent = ParentRun.create(experiment_id, name, {
+                "kind": "sweep",
+                "sweep_overrides": tracking.redact_uri(" ".join(overrides)) or "(none)",
+                "sweep_search_space": " ".join(f"{k}={v}" for k, v in searched.items()) or "(grid)",
+                "sweep_dir": str(config.hydra.sweep.dir),
+                "sweeper": str(config.hydra.sweeper.get("_target_", "")),
+                "launcher": str(config.hydra.launcher.get("_target_", "")),
+                "mlflow.source.git.commit": tracking.git_commit(Path(config.paths.root_dir)),
+            }, objective)
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(self.parent.run_id)
         os.environ[PARENT_RUN_ENV] = self.parent.run_id
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -59,3 +72,24 @@ class MlflowSweep(Callback):
             raise
         self.parent.end("FINISHED")
         os.environ.pop(PARENT_RUN_ENV, None)
+
+
+def _parent_record(config: DictConfig, overrides: list[str], searched: dict[str, str]) -> Path:
+    """Where the sweep's parent run id is kept: one file per sweep command (its overrides and search
+    space, `trainer.resume` aside), so the same command finds it again."""
+    command = {"overrides": [o for o in overrides if not o.startswith("trainer.resume")], "searched": searched,
+               "sweeper": str(config.hydra.sweeper.get("_target_", ""))}
+    key = hashlib.sha256(json.dumps(command, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(config.trainer.checkpoint_dir).expanduser().resolve() / f"sweep-{key}" / PARENT_RUN_FILE
+
+
+def _is_run(run_id: str) -> bool:
+    """Whether the tracking store holds this run (a record may outlive a store)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.tracking.MlflowClient().get_run(run_id)
+    except MlflowException:
+        return False
+    return True

@@ -20,6 +20,7 @@ from histo_transfer.objective import EPOCH_METRICS
 from histo_transfer.outbox import Unsent
 
 log = logging.getLogger(__name__)
+CONFIG_TAG = "config_key"  # checkpoints.run_key of the run's config: the same config, the same key
 
 
 def train(cfg: DictConfig, context: RunContext | None = None) -> float:
@@ -45,7 +46,31 @@ def _train(cfg: DictConfig, context: RunContext) -> float:
         from histo_transfer.cross_validation import cross_validate
 
         return cross_validate(cfg, context)
+    if cfg.trainer.resume and context.parent_run_id:
+        kept = _finished_in_parent(cfg, context.parent_run_id)
+        if kept is not None:
+            return kept
     return run_training(cfg, context, parent_run_id=context.parent_run_id).objective_value
+
+
+def _finished_in_parent(cfg: DictConfig, parent_run_id: str) -> float | None:
+    """The objective value of a run of this very config that already FINISHED under the parent (a
+    resumed sweep keeps the jobs it finished); None when there is none."""
+    import mlflow
+
+    from histo_transfer import tracking
+    from histo_transfer.checkpoints import run_key
+    from histo_transfer.objective import Objective
+    from histo_transfer.parent_runs import child_runs
+
+    tracking.setup(cfg.tracking)
+    client = mlflow.tracking.MlflowClient()
+    finished = child_runs(client, client.get_run(parent_run_id),
+                          f"tags.{CONFIG_TAG} = '{run_key(cfg)}' and attributes.status = 'FINISHED'")
+    if not finished:
+        return None
+    log.info("run %s of this config finished in %s: kept", finished[0].info.run_id, parent_run_id)
+    return finished[0].data.metrics[Objective.from_config(cfg.objective).best_metric]
 
 
 def _train_as_worker(cfg: DictConfig, context: RunContext, role) -> float:
@@ -95,6 +120,7 @@ def run_training(cfg: DictConfig, context: RunContext, *, parent_run_id: str | N
         "mlflow.source.git.commit": tracking.git_commit(Path(cfg.paths.root_dir)),
         "backbone": cfg.backbone.name,
         "data": cfg.data.name,
+        CONFIG_TAG: run_key(cfg),
         **{str(k): str(v) for k, v in cfg.tracking.tags.items()},
         **(tags or {}),
     }

@@ -180,7 +180,7 @@ def _parent_run(project: Path, experiment_id: str, cfg: DictConfig, objective):
     parent = ParentRun.create(experiment_id, f"keras-tuner {cfg.tuner.name} {cfg.backbone.name}", {
         "kind": "keras-tuner", "tuner": cfg.tuner.name, "tuner_directory": str(project),
         "search_space": OmegaConf.to_yaml(cfg.tuner.search_space).strip()}, objective,
-        params=tracking.flat_params(cfg), resumable=True)
+        params=tracking.flat_params(cfg))
     project.mkdir(parents=True, exist_ok=True)
     record.write_text(parent.run_id)
     return parent
