@@ -100,6 +100,20 @@ def test_a_parent_its_process_left_running_ends_killed_after_ctrl_c_else_failed(
     assert client.get_run(parent.run_id).info.status == ends
 
 
+def test_a_recorded_parent_counts_only_while_the_store_holds_it(tmp_path):
+    from histo_transfer.parent_runs import record_parent, recorded_parent
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")  # over any store an earlier test set
+    record = tmp_path / "state" / "parent"
+    assert recorded_parent(record) is None  # nothing recorded yet
+    parent = ParentRun.create(MlflowClient().create_experiment("sweeps"), "sweep", {"kind": "sweep"}, Objective())
+    record_parent(record, parent)
+    assert recorded_parent(record) == parent.run_id
+    parent.end()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'another.db'}")  # the record outlived its store
+    assert recorded_parent(record) is None
+
+
 def test_epochs_zero_compares_backbones(tmp_path):
     tiny = [o for o in TINY_SWEEP if not o.startswith("backbone")]
     result = run_cli(["-m", *tiny, *store_overrides(tmp_path), "trainer.epochs=0",

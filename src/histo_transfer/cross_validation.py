@@ -27,7 +27,6 @@ from histo_transfer.options import Options, between, one_of
 
 log = logging.getLogger(__name__)
 
-PARENT_RUN_FILE = "mlflow_parent_run_id"
 FOLD_TAG = "cv.fold"
 
 
@@ -218,6 +217,7 @@ def _with_fold(cfg: DictConfig, number: int) -> DictConfig:
 def _parent_lock(whole: DictConfig):
     """An exclusive lock per CV (jobs of one launcher may start together); yields its record file."""
     from histo_transfer.checkpoints import run_key
+    from histo_transfer.parent_runs import PARENT_RUN_FILE
 
     folder = Path(whole.trainer.checkpoint_dir).expanduser().resolve() / f"cv-{run_key(whole)}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -231,12 +231,13 @@ def _parent_lock(whole: DictConfig):
 
 def _parent_run(record: Path, whole, cfg, experiment_id, context, objective, grouped: bool, reuse: bool):
     from histo_transfer import tracking
-    from histo_transfer.parent_runs import PARENT_TAG, ParentRun
+    from histo_transfer.parent_runs import PARENT_TAG, ParentRun, record_parent, recorded_parent
 
-    if reuse and record.exists():
-        log.info("continuing CV %s", record.read_text().strip())
+    previous = recorded_parent(record) if reuse else None
+    if previous:
+        log.info("continuing CV %s", previous)
         # single-fold jobs run side by side: another job's RUNNING fold is alive, not left over
-        return ParentRun.resume(record.read_text().strip(), objective, only_this_process=cfg.cv.fold is None)
+        return ParentRun.resume(previous, objective, only_this_process=cfg.cv.fold is None)
     tags = {"kind": "cv", "cv.folds": str(cfg.cv.folds), "cv.grouped": str(grouped).lower(),
             "backbone": cfg.backbone.name, "data": cfg.data.name,
             "mlflow.source.git.commit": tracking.git_commit(Path(cfg.paths.root_dir))}
@@ -246,7 +247,7 @@ def _parent_run(record: Path, whole, cfg, experiment_id, context, objective, gro
         [o for o in context.overrides if not o.startswith(("cv.fold", "trainer.resume"))]))
     parent = ParentRun.create(experiment_id, name, tags, objective, params=tracking.flat_params(whole),
                               only_this_process=cfg.cv.fold is None)
-    record.write_text(parent.run_id)
+    record_parent(record, parent)
     return parent
 
 

@@ -23,6 +23,7 @@ from histo_transfer.tracking import NOTE_TAG
 log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
+PARENT_RUN_FILE = "mlflow_parent_run_id"  # a resumable parent's id, kept in its sweep's, CV's or search's folder
 RESULT_METRICS = ("best_val_loss", "best_val_accuracy", "best_val_auc", "best_epoch", "n_train")
 
 
@@ -99,6 +100,28 @@ class ParentRun:
         if self.client.get_run(self.run_id).info.status == "RUNNING":
             children = self.children()
             self.end("KILLED" if children and children[-1].info.status == "KILLED" else "FAILED")
+
+
+def recorded_parent(record: Path) -> str | None:
+    """The parent run id kept in `record`, when there is one and the tracking store still holds that
+    run (a record may outlive the store it was written for)."""
+    from mlflow.exceptions import MlflowException
+
+    if not record.exists():
+        return None
+    run_id = record.read_text().strip()
+    try:
+        MlflowClient(mlflow.get_tracking_uri()).get_run(run_id)
+    except MlflowException:
+        log.warning("%s names run %s, which %s does not hold: starting a new parent", record, run_id,
+                    mlflow.get_tracking_uri())
+        return None
+    return run_id
+
+
+def record_parent(record: Path, parent: ParentRun) -> None:
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(parent.run_id)
 
 
 def child_runs(client: MlflowClient, parent, where: str = "") -> list:

@@ -21,7 +21,6 @@ from omegaconf import DictConfig
 log = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "HISTO_TRANSFER_PARENT_RUN_ID"
-PARENT_RUN_FILE = "parent_run_id"
 
 
 class MlflowSweep(Callback):
@@ -31,7 +30,7 @@ class MlflowSweep(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from histo_transfer import tracking
         from histo_transfer.objective import Objective
-        from histo_transfer.parent_runs import ParentRun
+        from histo_transfer.parent_runs import ParentRun, record_parent, recorded_parent
 
         experiment_id = tracking.setup(config.tracking)
         overrides = list(config.hydra.overrides.task)
@@ -40,8 +39,8 @@ class MlflowSweep(Callback):
             overrides + [f"{k}={v}" for k, v in searched.items()])
         objective = Objective.from_config(config.objective)
         record = _parent_record(config, overrides, searched)
-        previous = record.read_text().strip() if config.trainer.resume and record.exists() else None
-        if previous and _is_run(previous):
+        previous = recorded_parent(record) if config.trainer.resume else None
+        if previous:
             self.parent = ParentRun.resume(previous, objective)
             log.info("continuing sweep %s: jobs it finished are kept", self.parent.run_id)
         else:
@@ -54,8 +53,7 @@ class MlflowSweep(Callback):
                 "launcher": str(config.hydra.launcher.get("_target_", "")),
                 "mlflow.source.git.commit": tracking.git_commit(Path(config.paths.root_dir)),
             }, objective)
-            record.parent.mkdir(parents=True, exist_ok=True)
-            record.write_text(self.parent.run_id)
+            record_parent(record, self.parent)
         os.environ[PARENT_RUN_ENV] = self.parent.run_id
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -77,19 +75,10 @@ class MlflowSweep(Callback):
 def _parent_record(config: DictConfig, overrides: list[str], searched: dict[str, str]) -> Path:
     """Where the sweep's parent run id is kept: one file per sweep command (its overrides and search
     space, `trainer.resume` aside), so the same command finds it again."""
+    from histo_transfer.parent_runs import PARENT_RUN_FILE
+
     command = {"overrides": [o for o in overrides if not o.startswith("trainer.resume")], "searched": searched,
                "sweeper": str(config.hydra.sweeper.get("_target_", ""))}
     key = hashlib.sha256(json.dumps(command, sort_keys=True).encode()).hexdigest()[:16]
     return Path(config.trainer.checkpoint_dir).expanduser().resolve() / f"sweep-{key}" / PARENT_RUN_FILE
 
-
-def _is_run(run_id: str) -> bool:
-    """Whether the tracking store holds this run (a record may outlive a store)."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    try:
-        mlflow.tracking.MlflowClient().get_run(run_id)
-    except MlflowException:
-        return False
-    return True

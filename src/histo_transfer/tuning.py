@@ -18,8 +18,6 @@ from histo_transfer.options import Options, Range, between, check_range
 
 log = logging.getLogger(__name__)
 
-PARENT_RUN_FILE = "mlflow_parent_run_id"
-
 
 @dataclass
 class Bounds:
@@ -171,16 +169,16 @@ def tune(cfg: DictConfig, context: RunContext | None = None) -> float:
 def _parent_run(project: Path, experiment_id: str, cfg: DictConfig, objective):
     """The search's parent run: the one recorded in its directory (a resumed search) or a new one."""
     from histo_transfer import tracking
-    from histo_transfer.parent_runs import ParentRun
+    from histo_transfer.parent_runs import PARENT_RUN_FILE, ParentRun, record_parent, recorded_parent
 
     record = project / PARENT_RUN_FILE
-    if record.exists():
-        log.info("resuming keras-tuner search %s (MLflow run %s)", project, record.read_text().strip())
-        return ParentRun.resume(record.read_text().strip(), objective)
+    previous = recorded_parent(record)
+    if previous:
+        log.info("resuming keras-tuner search %s (MLflow run %s)", project, previous)
+        return ParentRun.resume(previous, objective)
     parent = ParentRun.create(experiment_id, f"keras-tuner {cfg.tuner.name} {cfg.backbone.name}", {
         "kind": "keras-tuner", "tuner": cfg.tuner.name, "tuner_directory": str(project),
         "search_space": OmegaConf.to_yaml(cfg.tuner.search_space).strip()}, objective,
         params=tracking.flat_params(cfg))
-    project.mkdir(parents=True, exist_ok=True)
-    record.write_text(parent.run_id)
+    record_parent(record, parent)
     return parent
