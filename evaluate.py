@@ -10,6 +10,6 @@ ROOT = Path(__file__).resolve().parent
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 
 if __name__ == "__main__":
-    from histo_transfer.cli import run
+    from histo_transfer.tasks.cli import run
 
-    run("histo_transfer.scoring:evaluate", ROOT / "conf", config_name="evaluate")
+    run("histo_transfer.tasks.evaluate", ROOT / "conf")

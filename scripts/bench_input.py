@@ -61,7 +61,7 @@ def main() -> None:
 
 
 def _augmentations() -> list[str]:
-    from histo_transfer.augment import AUGMENTATIONS
+    from histo_transfer.data.augment import AUGMENTATIONS
 
     return list(AUGMENTATIONS.names())
 
@@ -111,9 +111,9 @@ def run_benchmarks(layout: Path, work: Path, args) -> list[tuple[str, int, float
 
     import keras
 
-    from histo_transfer.augment import build_augmentation
+    from histo_transfer.data.augment import build_augmentation
     from histo_transfer.data.pipeline import make_dataset
-    from histo_transfer.session import TrainingSession
+    from histo_transfer.training.session import TrainingSession
 
     augment = build_augmentation(cfg.augmentation, 0)
     dataset = make_dataset(data.images, data.labels, data.train_indices, args.batch_size,

@@ -28,7 +28,7 @@ def main() -> None:
     import numpy as np
     from hydra import compose, initialize_config_dir
 
-    from histo_transfer.inference import predict_probabilities
+    from histo_transfer.evaluation.inference import predict_probabilities
     from histo_transfer.models.classifier import build_classifier
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

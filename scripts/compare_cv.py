@@ -12,6 +12,6 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 
 if __name__ == "__main__":
-    from histo_transfer.cli import run
+    from histo_transfer.tasks.cli import run
 
-    run("histo_transfer.comparison:compare_from_config", ROOT / "conf", config_name="compare")
+    run("histo_transfer.tasks.compare", ROOT / "conf")

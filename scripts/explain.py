@@ -10,6 +10,6 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 
 if __name__ == "__main__":
-    from histo_transfer.cli import run
+    from histo_transfer.tasks.cli import run
 
-    run("histo_transfer.scoring:explain", ROOT / "conf", config_name="explain")
+    run("histo_transfer.tasks.explain", ROOT / "conf")

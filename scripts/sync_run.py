@@ -9,8 +9,8 @@ import argparse
 import sys
 
 if __name__ == "__main__":
-    from histo_transfer.errors import UserError
-    from histo_transfer.tracking import sync_run
+    from histo_transfer.config.errors import UserError
+    from histo_transfer.tracking.runs import sync_run
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", help="<output_dir>/unsent/<run id>, as training printed it")

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from omegaconf import OmegaConf
 
-from histo_transfer.augment import build_augmentation, random_dihedral
+from histo_transfer.data.augment import build_augmentation, random_dihedral
 from histo_transfer.data.pipeline import make_dataset
 
 
@@ -80,7 +80,7 @@ def test_notebook_with_nothing_to_do_but_flips_only_flips():
 
 
 def test_pathology_recompresses_as_jpeg_and_adds_blur_and_noise():
-    from histo_transfer.augment import _jpeg_recompress
+    from histo_transfer.data.augment import _jpeg_recompress
 
     smooth = np.tile(np.linspace(0, 255, 96).astype(np.uint8)[None, :, None], (96, 1, 3))[None].repeat(4, 0)
     out = _jpeg_recompress(tf.constant(smooth), tf.constant([1, 2], tf.int64), 1.0, 5, 5).numpy()
@@ -102,7 +102,7 @@ def test_pathology_recompresses_as_jpeg_and_adds_blur_and_noise():
 def test_notebook_resampling_equals_tensorflows_projective_transform():
     """The fused resampling against ImageProjectiveTransformV3 (bilinear, nearest fill) on random
     rotations, zooms, shifts and flips, including points far outside the patch."""
-    from histo_transfer.augment import _affine_bilinear
+    from histo_transfer.data.augment import _affine_bilinear
 
     rng = np.random.default_rng(0)
     images = tf.cast(_batch(32), tf.uint8)
@@ -120,7 +120,7 @@ def test_notebook_resampling_equals_tensorflows_projective_transform():
 
 def test_folded_stain_jitter_equals_the_step_by_step_definition():
     """Optical density -> stains -> scale and shift -> RGB, each step on every pixel (the reference)."""
-    from histo_transfer.augment import _HED_FROM_RGB, _RGB_FROM_HED, stain_jitter
+    from histo_transfer.data.augment import _HED_FROM_RGB, _RGB_FROM_HED, stain_jitter
 
     images = tf.cast(_batch(8), tf.uint8)
     pair, sigma = tf.constant([3, 4], tf.int64), 0.2
@@ -146,7 +146,7 @@ def test_pathology_with_every_strength_zero_only_turns_and_flips():
 def test_pathology_hue_and_saturation_keep_luma_and_scale_chroma_per_patch():
     """Hue turns and saturation scales each patch's (I, Q) plane and leaves luma (Y) alone; compared
     as sorted pixel values per patch, since the patch also took one of the 8 views."""
-    from histo_transfer.augment import _YIQ_FROM_RGB
+    from histo_transfer.data.augment import _YIQ_FROM_RGB
 
     cfg = OmegaConf.load("conf/augmentation/pathology.yaml")
     cfg.update(stain_sigma=0.0, hue=0.2, saturation=0.5, blur_probability=0.0, noise_std=0.0, jpeg_probability=0.0)
@@ -164,7 +164,7 @@ def test_pathology_hue_and_saturation_keep_luma_and_scale_chroma_per_patch():
 
 
 def test_pathology_blurs_the_chosen_share_only():
-    from histo_transfer.augment import _blur_choice, _blur_some, _gaussian_kernel
+    from histo_transfer.data.augment import _blur_choice, _blur_some, _gaussian_kernel
 
     images = _batch(64)
     chosen, strength = _blur_choice(64, tf.constant([1, 2], tf.int64), 0.3)

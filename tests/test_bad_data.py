@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import run_cli, write_kaggle_layout
+from PIL import Image
 
 
 def prepare(root, tmp_path, *extra):

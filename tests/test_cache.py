@@ -6,12 +6,12 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import compose_config, store_overrides, write_kaggle_layout
+
+from histo_transfer.config.errors import DataError
 from histo_transfer.data.cache import ImageFiles, cache_folder, packed
 from histo_transfer.data.images import read_patch
 from histo_transfer.data.loading import load_training_data
-from histo_transfer.errors import DataError
 
 
 @pytest.fixture

@@ -5,12 +5,12 @@ from __future__ import annotations
 import re
 
 import pytest
+from conftest import CONF_DIR, compose_config, run_cli, write_kaggle_layout
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR, compose_config, run_cli, write_kaggle_layout
-from histo_transfer.cli import precheck
-from histo_transfer.config import validate
-from histo_transfer.errors import ConfigError, UserError
+from histo_transfer.config.errors import ConfigError, UserError
+from histo_transfer.tasks.cli import precheck
+from histo_transfer.tasks.train import validate as validate_training
 
 GROUPS = ["data", "backbone", "augmentation", "optimizer", "trainer", "tracking", "paths", "experiment",
           "hparams_search", "tuner", "debug", "cv"]
@@ -59,7 +59,7 @@ def test_every_group_option_composes_and_validates(group, option, data_roots, tm
         weights.write_bytes(b"stand-in")
         overrides.append(f"backbone.weights={weights}")
     cfg = compose_config(overrides)
-    validate(cfg)
+    validate_training(cfg)
     if group not in ("paths", "tracking", "trainer", "experiment", "hparams_search", "debug"):
         assert cfg[group].name == option
 
@@ -69,7 +69,7 @@ def test_every_experiment_builds_its_model(experiment, data_roots):
     from histo_transfer.models.classifier import build_classifier
 
     cfg = compose_config(with_data_root([f"experiment={experiment}", "backbone.weights=null"], data_roots))
-    validate(cfg)
+    validate_training(cfg)
     model, backbone = build_classifier(cfg.backbone, cfg.head)
     assert model.input_shape == (None, 96, 96, 3) and model.output_shape == (None, 1)
     assert backbone.model.input_shape[1:3] == (cfg.backbone.input_size, cfg.backbone.input_size)
@@ -79,12 +79,12 @@ def test_every_experiment_builds_its_model(experiment, data_roots):
 @pytest.mark.parametrize("group", ["data", "backbone", "augmentation", "optimizer", "tuner", "cv"])
 def test_each_registered_option_has_its_yaml_and_each_yaml_its_option(group):
     """Adding an option is one registration plus one YAML file: neither may be forgotten."""
-    from histo_transfer.augment import AUGMENTATIONS
-    from histo_transfer.cross_validation import CV
+    from histo_transfer.data.augment import AUGMENTATIONS
     from histo_transfer.data.sources import SOURCES
     from histo_transfer.models.backbones import BACKBONES
-    from histo_transfer.optim import OPTIMIZERS
-    from histo_transfer.tuning import TUNERS
+    from histo_transfer.training.optim import OPTIMIZERS
+    from histo_transfer.workflows.cv_schemes import CV
+    from histo_transfer.workflows.tuners import TUNERS
 
     registry = {"data": SOURCES, "backbone": BACKBONES, "augmentation": AUGMENTATIONS, "optimizer": OPTIMIZERS,
                 "tuner": TUNERS, "cv": CV}[group]
@@ -95,7 +95,7 @@ def test_each_registered_option_has_its_yaml_and_each_yaml_its_option(group):
 def test_default_config_is_the_offline_built_in_run(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # set by MLflow in this process by other tests
     cfg = compose_config([])
-    validate(cfg)
+    validate_training(cfg)
     assert cfg.data.name == "synthetic" and not OmegaConf.missing_keys(cfg)  # runs with no argument at all
     assert cfg.tracking.uri == f"sqlite:///{CONF_DIR.parent}/mlruns/mlflow.db"  # the project's own store
 
@@ -135,13 +135,13 @@ def test_mlflow_tracking_uri_environment_overrides_the_store(monkeypatch):
 ])
 def test_wrong_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        validate(compose_config(overrides))
+        validate_training(compose_config(overrides))
 
 
 def test_kaggle_root_that_is_not_a_kaggle_layout(tmp_path):
     (tmp_path / "train").mkdir()
     with pytest.raises(ConfigError, match="not a Kaggle layout: missing train_labels.csv"):
-        validate(compose_config(["data=kaggle", f"data.root={tmp_path}"]))
+        validate_training(compose_config(["data=kaggle", f"data.root={tmp_path}"]))
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -152,7 +152,7 @@ def test_kaggle_root_that_is_not_a_kaggle_layout(tmp_path):
 ])
 def test_precheck_covers_composition_and_every_sweep_value(overrides, message):
     with pytest.raises(UserError, match=message.replace(".", r"\.")):
-        precheck(CONF_DIR, "config", overrides)
+        precheck(CONF_DIR, "config", overrides, validate_training)
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -177,7 +177,7 @@ def test_cli_config_errors_exit_2_with_one_line(args, message):
     ("sqlite:////work/mlruns/mlflow.db", "sqlite:////work/mlruns/mlflow.db"),
 ])
 def test_credentials_in_uris_are_redacted(text, expected):
-    from histo_transfer.tracking import redact_uri
+    from histo_transfer.tracking.redaction import redact_uri
 
     assert redact_uri(text) == expected
 

@@ -11,13 +11,13 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import CONF_DIR, ROOT, TINY_RUN, compose_config, run_cli, store_overrides, write_kaggle_layout
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import roc_auc_score
 
-from conftest import CONF_DIR, ROOT, TINY_RUN, compose_config, run_cli, store_overrides, write_kaggle_layout
-from histo_transfer.comparison import cv_runs_of
+from histo_transfer.config.errors import ConfigError
 from histo_transfer.data.folds import assign_folds
-from histo_transfer.errors import ConfigError
+from histo_transfer.workflows.comparison import cv_runs_of
 
 pytestmark = pytest.mark.slow
 TINY_CV = [o for o in TINY_RUN if not o.startswith("trainer.epochs")] + ["trainer.epochs=1", "cv=kfold", "cv.folds=3"]
@@ -174,8 +174,8 @@ def scoring(cv_run, name, *extra):
 
 
 def test_every_kind_of_model_reference_scores_as_an_ensemble(cv_run, tmp_path):
-    from histo_transfer.registry import member_refs
-    from histo_transfer.scoring import evaluate, predict
+    from histo_transfer.tracking.registry import member_refs
+    from histo_transfer.workflows.scoring import evaluate, predict
 
     mlflow.set_tracking_uri(cv_run["uri"])
     parent, folds = cv_run["parent"].info.run_id, [f.info.run_id for f in cv_run["folds"]]
@@ -195,7 +195,7 @@ def test_every_kind_of_model_reference_scores_as_an_ensemble(cv_run, tmp_path):
 
 
 def test_a_sweep_parent_stands_for_its_best_jobs(tmp_path):
-    from histo_transfer.registry import member_refs
+    from histo_transfer.tracking.registry import member_refs
 
     sweep = [o for o in TINY_CV if not o.startswith("cv")]
     result = run_cli(["-m", *sweep, *store_overrides(tmp_path), "optimizer.lr=0.001,0.01,0.03"])
@@ -212,8 +212,8 @@ def test_a_sweep_parent_stands_for_its_best_jobs(tmp_path):
 
 
 def test_exported_ensemble_reloads_alone_and_equals_the_members_mean(cv_run, tmp_path):
-    from histo_transfer.inference import ensemble_probabilities
-    from histo_transfer.registry import load_models, register_from_config
+    from histo_transfer.evaluation.inference import ensemble_probabilities
+    from histo_transfer.tracking.registry import load_models, register_from_config
 
     mlflow.set_tracking_uri(cv_run["uri"])
     parent = cv_run["parent"].info.run_id
@@ -236,7 +236,7 @@ def test_exported_ensemble_reloads_alone_and_equals_the_members_mean(cv_run, tmp
 
 
 def test_compare_cv_pairs_recipes_on_the_same_out_of_fold_patches(cv_run):
-    from histo_transfer.comparison import compare
+    from histo_transfer.workflows.comparison import compare
 
     # two recipes as a sweep of cross-validations on the same data and folds, in the same store
     result = run_cli(["-m", *TINY_CV, "cv.tta=flips", *store_overrides(cv_run["tmp"]), "optimizer.lr=0.001,0.01",

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import PCAM_SAMPLE, write_kaggle_layout
 from PIL import Image
 
-from conftest import PCAM_SAMPLE, write_kaggle_layout
+from histo_transfer.config.errors import ConfigError, DataError
 from histo_transfer.data.images import read_patch, read_patches
 from histo_transfer.data.kaggle import fingerprint, read_labelled, unlabelled_ids
 from histo_transfer.data.split import split_indices
 from histo_transfer.data.synthetic import COMPLETE_MARKER, ensure_synthetic
-from histo_transfer.errors import ConfigError, DataError
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,12 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import compose_config, store_overrides, write_kaggle_layout
 from mlflow.tracking import MlflowClient
 
-from conftest import compose_config, store_overrides, write_kaggle_layout
 from histo_transfer.data.images import read_patches
 from histo_transfer.data.kaggle import read_labelled
-from histo_transfer.eda import eda
+from histo_transfer.workflows.eda import eda
 
 
 def test_eda_logs_distribution_grid_and_colour_statistics(tmp_path):

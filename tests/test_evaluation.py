@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from histo_transfer.evaluation import (
-    bootstrap_auc_ci, calibration, paired_auc_difference, summary_text, threshold_metrics, write_report)
+from histo_transfer.evaluation.report import (
+    bootstrap_auc_ci,
+    calibration,
+    paired_auc_difference,
+    summary_text,
+    threshold_metrics,
+    write_report,
+)
 
 LABELS = np.array([0, 0, 0, 0, 1, 1, 1, 1])
 PROBS = np.array([0.1, 0.2, 0.3, 0.8, 0.4, 0.6, 0.7, 0.9])
@@ -55,7 +61,7 @@ def test_paired_difference_is_tighter_than_two_separate_intervals():
 def test_recipe_names_a_changed_group_once_and_leaves_out_where_files_go():
     from types import SimpleNamespace
 
-    from histo_transfer.comparison import _recipe_keys
+    from histo_transfer.workflows.comparison import _recipe_keys
 
     def run(**params):
         return SimpleNamespace(data=SimpleNamespace(params=params))

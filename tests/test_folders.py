@@ -8,14 +8,13 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import MOBILENET_V1_WEIGHTS, PCAM_FOLDERS, TINY_MODEL, compose_config, run_cli, store_overrides
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import (MOBILENET_V1_WEIGHTS, PCAM_FOLDERS, TINY_MODEL, compose_config, run_cli,
-                      store_overrides)
-from histo_transfer.config import validate
+from histo_transfer.config.errors import ConfigError, DataError
 from histo_transfer.data.loading import load_training_data
-from histo_transfer.errors import ConfigError, DataError
+from histo_transfer.tasks.train import validate as validate_training
 
 
 def write_folders(root, counts=(6, 4), classes=("0", "1"), split="train", suffix=".jpg", seed=0):
@@ -38,7 +37,7 @@ def config(tmp_path, root, *extra):
 
 def load(tmp_path, root, *extra):
     cfg = config(tmp_path, root, *extra)
-    validate(cfg)
+    validate_training(cfg)
     return load_training_data(cfg.data)
 
 
@@ -122,7 +121,7 @@ def test_missing_and_empty_class_folders(tmp_path):
     root = tmp_path / "set"
     write_folders(root, counts=(3,), classes=("0",))
     with pytest.raises(ConfigError, match="data.classes: .*train has no class folder '1'"):
-        validate(config(tmp_path, root))
+        validate_training(config(tmp_path, root))
     (root / "train" / "1").mkdir()
     with pytest.raises(DataError, match=f"{root / 'train' / '1'}: class folder holds no images"):
         load(tmp_path, root)

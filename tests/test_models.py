@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from histo_transfer.errors import ConfigError
+from histo_transfer.config.errors import ConfigError
 from histo_transfer.models.classifier import build_classifier
-from histo_transfer.session import configure_precision
+from histo_transfer.training.session import configure_precision
 
 HEAD = OmegaConf.create({"dropout": 0.2, "units": 64, "bn_momentum": 0.99})
 

@@ -8,11 +8,11 @@ import shutil
 import h5py
 import numpy as np
 import pytest
-
 from conftest import compose_config, store_overrides
-from histo_transfer.config import validate
+
+from histo_transfer.config.errors import ConfigError, DataError
 from histo_transfer.data.loading import load_training_data
-from histo_transfer.errors import ConfigError, DataError
+from histo_transfer.tasks.train import validate as validate_training
 
 SIZES = {"train": 40, "valid": 12, "test": 8}
 
@@ -40,7 +40,7 @@ def write_pcam(root, gzipped=("valid",)):
 def test_official_splits_become_train_and_validation(tmp_path):
     arrays = write_pcam(tmp_path / "pcam")
     cfg = compose_config(["data=pcam_h5", f"data.root={tmp_path / 'pcam'}", *store_overrides(tmp_path)])
-    validate(cfg)
+    validate_training(cfg)
     data = load_training_data(cfg.data)
     assert len(data.train_indices) == 40 and len(data.val_indices) == 12  # the official sizes
     assert np.array_equal(data.images[data.train_indices], arrays["train"][0])
@@ -63,7 +63,7 @@ def test_missing_files_are_a_config_error(tmp_path):
     (tmp_path / "pcam" / "camelyonpatch_level_2_split_train_y.h5").unlink()
     cfg = compose_config(["data=pcam_h5", f"data.root={tmp_path / 'pcam'}"])
     with pytest.raises(ConfigError, match="lacks the PCam files camelyonpatch_level_2_split_train_y.h5"):
-        validate(cfg)
+        validate_training(cfg)
 
 
 def test_broken_gzip_names_the_file(tmp_path):

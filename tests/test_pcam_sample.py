@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from conftest import MOBILENET_V1_WEIGHTS, PCAM_SAMPLE, compose_config, store_overrides
 from mlflow.tracking import MlflowClient
 
-from conftest import MOBILENET_V1_WEIGHTS, PCAM_SAMPLE, compose_config, store_overrides
-from histo_transfer.training_run import train
+from histo_transfer.tasks.train import main as train
 
 pytestmark = [
     pytest.mark.slow,

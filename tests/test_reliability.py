@@ -13,9 +13,8 @@ import urllib.request
 
 import mlflow
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import ROOT, TINY_RUN, free_port, loopback_server, run_cli, store_overrides
+from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
 EPOCH_METRICS = ["loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc", "lr"]

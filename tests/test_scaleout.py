@@ -21,9 +21,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import ROOT, TINY_RUN, free_port, loopback_server, run_cli
+from mlflow.tracking import MlflowClient
 
 pytestmark = [pytest.mark.scaleout, pytest.mark.slow]
 EPOCH_METRICS = ["loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc", "lr"]
@@ -223,7 +222,7 @@ def test_a_server_away_past_the_limit_keeps_the_run_for_sync_run(restartable_ser
 
 
 def test_an_outbox_keeps_records_on_disk_in_order_and_sends_them_later(tmp_path):
-    from histo_transfer.outbox import Outbox
+    from histo_transfer.tracking.outbox import Outbox
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(store)
@@ -250,8 +249,8 @@ def test_an_outbox_keeps_records_on_disk_in_order_and_sends_them_later(tmp_path)
 
 
 def test_a_resumed_run_takes_over_what_its_interrupted_attempt_had_queued(tmp_path):
-    from histo_transfer import tracking
-    from histo_transfer.outbox import Outbox
+    from histo_transfer.tracking import runs as tracking
+    from histo_transfer.tracking.outbox import Outbox
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(store)

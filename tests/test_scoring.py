@@ -9,15 +9,15 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import CONF_DIR, free_port, loopback_server, run_cli
 from mlflow.tracking import MlflowClient
 
-from conftest import CONF_DIR, free_port, loopback_server, run_cli
+from histo_transfer.config.errors import ConfigError, UserError
 from histo_transfer.data.images import read_patches
 from histo_transfer.data.kaggle import read_labelled, unlabelled_ids
-from histo_transfer.errors import ConfigError, UserError
-from histo_transfer.inference import SubmissionError, predict_probabilities, submission_frame
-from histo_transfer.registry import load_model, register
-from histo_transfer.scoring import evaluate, predict
+from histo_transfer.evaluation.inference import SubmissionError, predict_probabilities, submission_frame
+from histo_transfer.tracking.registry import load_model, register
+from histo_transfer.workflows.scoring import evaluate, predict
 
 pytestmark = pytest.mark.slow
 
@@ -165,7 +165,7 @@ def test_mlflow_model_serving_answers_like_the_model(trained):
 
 
 def test_grad_cam_maps_and_the_centre_fraction(trained):
-    from histo_transfer.gradcam import centre_fraction, grad_cam
+    from histo_transfer.evaluation.gradcam import centre_fraction, grad_cam
 
     patches = np.random.default_rng(3).integers(0, 256, (4, 96, 96, 3), dtype=np.uint8)
     heat = grad_cam(trained["model"], patches)

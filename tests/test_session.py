@@ -10,11 +10,11 @@ import mlflow
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import TINY_RUN, compose_config, run_cli, store_overrides
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY_RUN, compose_config, run_cli, store_overrides
-from histo_transfer.session import BatchNormRecalibration, interrupt_between_batches
-from histo_transfer.training_run import train
+from histo_transfer.tasks.train import main as train
+from histo_transfer.training.session import BatchNormRecalibration, interrupt_between_batches
 
 
 def test_recalibration_sets_moving_statistics_to_the_mean_of_training_batches():
@@ -54,7 +54,7 @@ def test_ctrl_c_is_raised_at_the_next_batch_boundary_and_never_lost():
 def test_progress_is_a_bar_in_a_terminal_and_one_line_per_epoch_in_logs(monkeypatch):
     import sys
 
-    from histo_transfer.session import progress_verbosity
+    from histo_transfer.training.session import progress_verbosity
 
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     assert progress_verbosity("auto") == 1  # Keras' per-step bar with rate and ETA

@@ -8,12 +8,12 @@ import math
 import mlflow
 import pandas as pd
 import pytest
+from conftest import CONF_DIR, TINY_RUN, compose_config, run_cli, store_overrides
 from mlflow.tracking import MlflowClient
 
-from conftest import CONF_DIR, TINY_RUN, compose_config, run_cli, store_overrides
-from histo_transfer.objective import Objective
-from histo_transfer.parent_runs import ParentRun
-from histo_transfer.training_run import train
+from histo_transfer.config.objective import Objective
+from histo_transfer.tasks.train import main as train
+from histo_transfer.tracking.parent_runs import ParentRun
 
 pytestmark = pytest.mark.slow
 TINY_SWEEP = [o for o in TINY_RUN if not o.startswith("trainer.epochs")] + ["trainer.epochs=1"]
@@ -101,7 +101,7 @@ def test_a_parent_its_process_left_running_ends_killed_after_ctrl_c_else_failed(
 
 
 def test_a_recorded_parent_counts_only_while_the_store_holds_it(tmp_path):
-    from histo_transfer.parent_runs import record_parent, recorded_parent
+    from histo_transfer.tracking.parent_runs import record_parent, recorded_parent
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")  # over any store an earlier test set
     record = tmp_path / "state" / "parent"

@@ -9,11 +9,11 @@ import sys
 import mlflow
 import numpy as np
 import pytest
+from conftest import ROOT, TINY_MODEL, TINY_RUN, compose_config, store_overrides, write_kaggle_layout
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, TINY_MODEL, TINY_RUN, compose_config, store_overrides, write_kaggle_layout
-from histo_transfer.errors import DataError
-from histo_transfer.training_run import train
+from histo_transfer.config.errors import DataError
+from histo_transfer.tasks.train import main as train
 
 EPOCH_METRICS = ["loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc", "lr"]
 pytestmark = pytest.mark.slow
@@ -56,7 +56,7 @@ def test_run_records_config_as_dotted_params_and_its_tags(trained_run):
 
 
 def test_run_names_fit_mlflow_s_250_characters():
-    from histo_transfer.tracking import run_name_from_overrides
+    from histo_transfer.tracking.runs import run_name_from_overrides
 
     long = [f"backbone.option_{i}=value_{i}" for i in range(20)]
     name = run_name_from_overrides([*long, "paths.output_dir=/somewhere"])
@@ -144,8 +144,8 @@ def test_saved_model_is_the_best_epoch(trained_run, tmp_path):
 def test_best_epoch_callback_restores_the_best_weights():
     import keras
 
-    from histo_transfer.objective import Objective
-    from histo_transfer.session import BestEpoch
+    from histo_transfer.config.objective import Objective
+    from histo_transfer.training.session import BestEpoch
 
     model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
     best = BestEpoch(Objective("val_auc", "max"))

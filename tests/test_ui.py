@@ -7,9 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import ROOT, TINY_RUN, free_port, live_group_members, loopback_server, run_cli, store_overrides
+from mlflow.tracking import MlflowClient
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 CHROMIUM = Path("/usr/bin/chromium")

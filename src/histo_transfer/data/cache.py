@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from histo_transfer import IMAGE_SHAPE
-from histo_transfer.errors import DataError
+from histo_transfer.config.errors import DataError
+from histo_transfer.data.images import read_patch
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +197,6 @@ def _may_start_processes() -> bool:
 
 
 def _decode_chunk(task) -> tuple[int, dict[int, str]]:
-    from histo_transfer.data.images import read_patch
-
     target, start, paths = task
     images = np.load(target, mmap_mode="r+")
     bad = {}

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+from histo_transfer.config.errors import ConfigError, DataError
 from histo_transfer.data.cache import ImageFiles, PackedPatches, cache_folder, packed
 from histo_transfer.data.sources import SOURCES, DataKeys, DataSource, Labelled, require_root
 from histo_transfer.data.split import subsample
-from histo_transfer.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from histo_transfer.errors import ConfigError
+from histo_transfer.config.errors import ConfigError
 
 
 def assign_folds(labels: np.ndarray, groups: np.ndarray | None, folds: int, seed: int) -> np.ndarray:

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from histo_transfer import IMAGE_SHAPE
-from histo_transfer.errors import DataError
+from histo_transfer.config.errors import DataError
 
 
 def read_patch(path: Path) -> np.ndarray:

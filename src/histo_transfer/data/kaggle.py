@@ -11,9 +11,9 @@ from typing import Optional
 
 import numpy as np
 
+from histo_transfer.config.errors import ConfigError, DataError
 from histo_transfer.data.cache import ImageFiles, PackedPatches, cache_folder, packed
 from histo_transfer.data.sources import SOURCES, DataKeys, DataSource, Labelled, require_root
-from histo_transfer.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

@@ -45,10 +45,7 @@ def load_training_data(data_cfg) -> TrainingData:
 
 
 def prepare(cfg, context=None) -> None:
-    """`scripts/prepare_data.py`: validate the data and build its packed cache ahead of training."""
-    from histo_transfer.config import validate
-
-    validate(cfg)
+    """`scripts/prepare_data.py`: check the data and build its packed cache ahead of training."""
     source = data_source(cfg.data)
     labelled = source.labelled()
     patches, unlisted = labelled.patches, labelled.unlisted

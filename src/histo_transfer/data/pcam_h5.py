@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from histo_transfer import IMAGE_SHAPE
+from histo_transfer.config.errors import ConfigError, DataError
 from histo_transfer.data.cache import IMAGES_FILE, PackedPatches, PatchSource, cache_folder, packed, progress
 from histo_transfer.data.kaggle import files_fingerprint
 from histo_transfer.data.sources import SOURCES, DataKeys, DataSource, Labelled, require_root
 from histo_transfer.data.split import subsample
-from histo_transfer.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

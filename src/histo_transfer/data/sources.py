@@ -14,10 +14,10 @@ from typing import Optional
 import numpy as np
 from omegaconf import OmegaConf
 
+from histo_transfer.config.errors import ConfigError
+from histo_transfer.config.options import Options, between, one_of
 from histo_transfer.data.cache import PackedPatches
 from histo_transfer.data.split import split_indices, subsample
-from histo_transfer.errors import ConfigError
-from histo_transfer.options import Options, between, one_of
 
 
 @dataclass

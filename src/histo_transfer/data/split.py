@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from histo_transfer.errors import ConfigError
+from histo_transfer.config.errors import ConfigError
 
 
 def subsample(labels: np.ndarray, frac: float, seed: int) -> np.ndarray:

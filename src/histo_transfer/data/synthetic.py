@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from histo_transfer.config.options import between
 from histo_transfer.data.kaggle import IMAGE_SUFFIX, LABELS_FILE, KaggleKeys, KaggleSource
 from histo_transfer.data.sources import SOURCES
-from histo_transfer.options import between
 
 log = logging.getLogger(__name__)
 

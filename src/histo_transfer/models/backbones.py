@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from histo_transfer.errors import ConfigError
-from histo_transfer.options import Options, between
+from histo_transfer.config.errors import ConfigError
+from histo_transfer.config.options import Options, between
 
 log = logging.getLogger(__name__)
 

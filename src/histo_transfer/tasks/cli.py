@@ -1,0 +1,128 @@
+"""Hydra entrypoints that fail on user mistakes with one line and exit status 2, before TensorFlow loads.
+
+Each entrypoint names a task module (tasks/<task>.py): its CONFIG_NAME (the config it composes),
+`validate(cfg)` and `main(cfg, context)`. This is the only layer that reads how a task was started
+(Hydra's job config, the sweep's environment, the command line); the task gets it as an explicit
+RunContext.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+import hydra
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException
+from hydra.types import RunMode
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from histo_transfer.config.context import RunContext
+from histo_transfer.config.errors import UserError
+
+PARENT_RUN_ENV = "HISTO_TRANSFER_PARENT_RUN_ID"  # a sweep's parent run, set by tasks.sweep for its jobs
+
+
+def run(task: str, config_dir: Path) -> None:
+    """Run the task module `task` (e.g. "histo_transfer.tasks.train") under Hydra, after checking every
+    config the command line asks for."""
+    module = importlib.import_module(task)
+    args, _ = _arguments().parse_known_args()
+    config_name = args.config_name or module.CONFIG_NAME
+    if not (args.help or args.hydra_help or args.version or args.info or args.cfg or args.shell_completion):
+        _guard(lambda: precheck(config_dir, config_name, args.overrides, module.validate))
+
+    @hydra.main(config_path=str(config_dir), config_name=module.CONFIG_NAME, version_base="1.3")
+    def main(cfg: DictConfig):
+        return _guard(lambda: module.main(cfg, job_context()))
+
+    main()
+
+
+def job_context() -> RunContext:
+    """This Hydra job's overrides, its sweep's parent run (in a multirun) and the command line."""
+    hydra_cfg = HydraConfig.get()
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    return RunContext(overrides=tuple(hydra_cfg.overrides.task),
+                      parent_run_id=os.environ.get(PARENT_RUN_ENV) if in_sweep else None,
+                      command=tuple(sys.argv))
+
+
+def _arguments() -> argparse.ArgumentParser:
+    """Hydra's command-line flags, enough to tell overrides from flags and to skip the precheck for help."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("overrides", nargs="*")
+    for flags in (["--help", "-h"], ["--hydra-help"], ["--version"], ["--resolve"], ["--run", "-r"],
+                  ["--multirun", "-m"], ["--shell-completion", "-sc"]):
+        parser.add_argument(*flags, action="store_true")
+    for flags in (["--cfg", "-c"], ["--package", "-p"], ["--config-path", "-cp"], ["--config-name", "-cn"],
+                  ["--config-dir", "-cd"], ["--experimental-rerun"]):
+        parser.add_argument(*flags)
+    parser.add_argument("--info", "-i", nargs="?", const="all")
+    return parser
+
+
+def precheck(config_dir: Path, config_name: str, overrides: list[str], validate: Callable[[DictConfig], None]) -> None:
+    """Compose and validate the config of each value a sweep lists, so a typo fails before any job starts."""
+    for variant in _variants(overrides):
+        try:
+            with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+                cfg = compose(config_name, overrides=variant)
+        except MissingConfigException as exc:
+            raise UserError(_missing_option(exc)) from exc
+        except (HydraException, OmegaConfBaseException) as exc:
+            raise UserError(_one_line(exc)) from exc
+        validate(cfg)
+
+
+def _variants(overrides: list[str]) -> list[list[str]]:
+    """One override list per value of each choice sweep (not their product); other sweeps are left to the sweeper."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as exc:
+        raise UserError(_one_line(exc)) from exc
+    fixed, sweeps = [], []
+    for override in parsed:
+        if override.get_key_element().startswith("hydra"):
+            continue
+        if not override.is_sweep_override():
+            fixed.append(override.input_line)
+        elif override.is_choice_sweep():
+            key = override.get_key_element()
+            sweeps.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+    first = [values[0] for values in sweeps]
+    variants = [fixed + first]
+    for position, values in enumerate(sweeps):
+        for value in values[1:]:
+            variants.append(fixed + first[:position] + [value] + first[position + 1:])
+    return variants
+
+
+def _guard(action):
+    try:
+        return action()
+    except UserError as exc:
+        print(f"{exc.label}: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+
+
+def _missing_option(exc: MissingConfigException) -> str:
+    missing = str(exc.missing_cfg_file or "")
+    group, _, option = missing.rpartition("/")
+    if group and exc.options is not None:
+        return f"{group}={option}: no such option; choose one of {', '.join(sorted(exc.options))}"
+    return _one_line(exc)
+
+
+def _one_line(exc: BaseException) -> str:
+    parts = [str(exc).strip().splitlines()[0]]
+    if exc.__cause__ is not None and str(exc.__cause__).strip():
+        parts.append(str(exc.__cause__).strip().splitlines()[0])
+    return " - ".join(parts)

@@ -1,0 +1,97 @@
+"""Resumable training state: after every epoch, the model with its optimizer, the best epoch's
+weights and the run's progress, written as one folder that appears whole or not at all.
+
+A run is identified by its config's key (config.identity.run_key), so the same command with
+trainer.resume=true finds the state that an interrupted run left.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE, BEST_FILE, PROGRESS_FILE = "state.keras", "best_weights.npz", "progress.json"
+
+
+@dataclass
+class Progress:
+    run_id: str
+    epoch: int  # epochs completed
+    best_epoch: int = 0
+    best_logs: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)  # one entry per completed epoch, lr included
+
+
+@dataclass
+class ResumeState:
+    """What an interrupted run left: its progress and the folder of its last completed epoch."""
+
+    progress: Progress
+    folder: Path
+
+    def model(self) -> keras.Model:
+        """Weights, optimizer state and schedule position as after the last completed epoch."""
+        return keras.models.load_model(self.folder / MODEL_FILE)
+
+    def best_weights(self) -> list | None:
+        path = self.folder / BEST_FILE
+        if not path.exists():
+            return None
+        with np.load(path) as stored:
+            return [stored[f"arr_{i}"] for i in range(len(stored.files))]
+
+
+class Checkpoints:
+    """The state folders of one run: <checkpoint_dir>/<run key>/epoch_NNNN/."""
+
+    def __init__(self, checkpoint_dir: str | Path, key: str):
+        self.folder = Path(checkpoint_dir).expanduser().resolve() / key
+
+    def latest(self) -> ResumeState | None:
+        """The state of the last complete epoch, if any."""
+        complete = sorted(p for p in self.folder.glob("epoch_*") if (p / PROGRESS_FILE).exists())
+        if not complete:
+            return None
+        return ResumeState(Progress(**json.loads((complete[-1] / PROGRESS_FILE).read_text())), complete[-1])
+
+    def save(self, model: keras.Model, best_weights: list | None, progress: Progress) -> None:
+        final = self.folder / f"epoch_{progress.epoch:04d}"
+        staging = self.folder / f".epoch_{progress.epoch:04d}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        model.save(staging / MODEL_FILE)  # weights and optimizer state
+        if best_weights is not None:
+            np.savez(staging / BEST_FILE, *best_weights)
+        (staging / PROGRESS_FILE).write_text(json.dumps(progress.__dict__))  # last: marks completeness
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        for older in self.folder.glob("epoch_*"):
+            if older != final:
+                shutil.rmtree(older, ignore_errors=True)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Saves the state after each epoch; placed after BestEpoch so the best weights are current."""
+
+    def __init__(self, checkpoints: Checkpoints, best, progress: Progress):
+        super().__init__()
+        self.checkpoints, self.best, self.progress = checkpoints, best, progress
+
+    def on_epoch_end(self, epoch, logs=None):
+        entry = {k: float(v) for k, v in (logs or {}).items()}
+        entry["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        self.progress.history.append(entry)
+        self.progress.epoch = epoch + 1
+        self.progress.best_epoch, self.progress.best_logs = self.best.best_epoch, self.best.best_logs
+        self.checkpoints.save(self.model, self.best.weights, self.progress)

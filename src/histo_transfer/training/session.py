@@ -1,0 +1,261 @@
+"""One training session: data -> model -> fit. Single runs, keras-tuner trials and CV folds all train
+through it; what they record (MLflow, checkpoints) comes in as callbacks, so nothing here logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from histo_transfer.config.objective import Objective
+from histo_transfer.data.augment import build_augmentation
+from histo_transfer.data.loading import TrainingData
+from histo_transfer.data.pipeline import make_dataset, steps_per_epoch
+from histo_transfer.models.classifier import build_classifier
+from histo_transfer.training.optim import SCHEDULES, build_optimizer
+
+log = logging.getLogger(__name__)
+
+
+def configure_precision(mixed_precision: bool) -> str:
+    """mixed_float16 on a GPU when asked; float32 otherwise. Returns the policy name."""
+    policy = "float32"
+    if mixed_precision:
+        if tf.config.list_physical_devices("GPU"):
+            policy = "mixed_float16"
+        else:
+            log.info("trainer.mixed_precision skipped: no GPU, training in float32")
+    keras.mixed_precision.set_global_policy(policy)
+    return policy
+
+
+@dataclass
+class FitResult:
+    best_epoch: int  # 1-based; 0 = the untrained model (trainer.epochs=0)
+    best: dict[str, float]  # the validation metrics of the best epoch
+    history: dict[str, list[float]] = field(default_factory=dict)
+
+    def best_metrics(self) -> dict[str, float]:
+        """What a run records about its result: `best_epoch` and `best_<val metric>`."""
+        return {"best_epoch": self.best_epoch, **{f"best_{k}": v for k, v in self.best.items()}}
+
+
+class BestEpoch(keras.callbacks.Callback):
+    """Remembers the weights of the epoch best by the objective and restores them at the end.
+
+    A resumed run starts it from the interrupted run's best epoch, logs and weights.
+    """
+
+    def __init__(self, objective: Objective, best_epoch: int = 0, best_logs: dict[str, float] | None = None,
+                 weights: list | None = None):
+        super().__init__()
+        self.objective = objective
+        self.best_epoch = best_epoch
+        self.best_logs = dict(best_logs or {})
+        self.weights = weights
+
+    @property
+    def best_value(self) -> float:
+        return self.best_logs.get(self.objective.metric, self.objective.worst)
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.objective.metric)
+        if value is not None and self.objective.better(value, self.best_value):
+            self.best_epoch = epoch + 1
+            self.best_logs = {k: float(v) for k, v in logs.items() if k.startswith("val_")}
+            self.weights = self.model.get_weights()
+
+    def on_train_end(self, logs=None):
+        if self.weights is not None:
+            self.model.set_weights(self.weights)
+
+
+class BatchNormRecalibration(keras.callbacks.Callback):
+    """Before each validation, sets the moving statistics of every BatchNorm layer that trains to the
+    plain average over a few training batches ("precise BN", Wu & Johnson 2021).
+
+    Moving averages with Keras' momentum 0.99 need hundreds of steps to forget their initial values;
+    after a short run they describe no data at all, and a model validated with them outputs one
+    constant (val AUC exactly 0.5). Pretrained, frozen BatchNorm layers are left as they are.
+    """
+
+    def __init__(self, batches_of_epoch):
+        super().__init__()
+        self.batches_of_epoch = batches_of_epoch  # epoch -> dataset of training batches
+        self.epoch: int | None = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_test_begin(self, logs=None):
+        if self.epoch is None:
+            return  # an evaluate() outside fit
+        layers = [layer for layer in self.model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+        momenta = [layer.momentum for layer in layers]
+        try:
+            for count, (images, _) in enumerate(self.batches_of_epoch(self.epoch)):
+                for layer in layers:  # the k-th batch gets weight 1/(k+1): a running plain mean
+                    layer.momentum = count / (count + 1)
+                self.model(images, training=True)
+        finally:
+            for layer, momentum in zip(layers, momenta):
+                layer.momentum = momentum
+        self.epoch = None
+
+
+class ProfileBatches(keras.callbacks.Callback):
+    """A TensorFlow profiler trace of training batches first..last (1-based, counted over the run)."""
+
+    def __init__(self, folder: Path, first: int, last: int):
+        super().__init__()
+        self.folder, self.first, self.last = folder, first, last
+        self.seen = 0
+        self.tracing = False
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.seen += 1
+        if self.seen == self.first:
+            tf.profiler.experimental.start(str(self.folder))
+            self.tracing = True
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.tracing and self.seen >= self.last:
+            tf.profiler.experimental.stop()
+            self.tracing = False
+
+    def on_train_end(self, logs=None):
+        if self.tracing:
+            tf.profiler.experimental.stop()
+            self.tracing = False
+
+
+class _RaiseOnInterrupt(keras.callbacks.Callback):
+    def __init__(self, requested: threading.Event):
+        super().__init__()
+        self.requested = requested
+
+    def _check(self, *args, **kwargs):
+        if self.requested.is_set():
+            raise KeyboardInterrupt
+
+    on_train_batch_end = on_test_batch_end = on_epoch_end = _check
+
+
+@contextlib.contextmanager
+def interrupt_between_batches():
+    """Ctrl-C during fit stops at the next batch boundary, after the current epoch's checkpoint if
+    the epoch just ended; a second Ctrl-C stops at once. Yields the callback that raises it.
+
+    Python's default handler raises KeyboardInterrupt wherever the main thread happens to be, which
+    can be a finaliser whose exceptions Python prints and drops: a Ctrl-C would then be lost.
+    """
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield _RaiseOnInterrupt(requested)
+        return
+
+    def handler(signum, frame):
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+        log.warning("Ctrl-C: stopping at the end of this training step (press it again to stop at once)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield _RaiseOnInterrupt(requested)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if requested.is_set():  # noticed after the last batch: still an interrupted run
+        raise KeyboardInterrupt
+
+
+def progress_verbosity(progress: str) -> int:
+    """Keras' verbose for trainer.progress: a per-step bar in a terminal, one line per epoch in logs."""
+    if progress == "auto":
+        progress = "bar" if sys.stdout.isatty() else "epoch"
+    return {"bar": 1, "epoch": 2, "none": 0}[progress]
+
+
+class TrainingSession:
+    """The data of one training (a run, a trial, a fold), its datasets, model and fit loop."""
+
+    def __init__(self, cfg, data: TrainingData):
+        self.cfg, self.data = cfg, data
+        self.objective = Objective.from_config(cfg.objective)
+        trainer = cfg.trainer
+        self.train_indices, self.val_indices = data.train_indices, data.val_indices
+        if trainer.overfit_batches:  # debug=overfit: the same few batches to train and validate on
+            self.train_indices = self.val_indices = self.train_indices[: trainer.overfit_batches * trainer.batch_size]
+        self.steps = steps_per_epoch(len(self.train_indices), trainer.batch_size)
+        if trainer.steps_per_epoch:
+            self.steps = min(self.steps, trainer.steps_per_epoch)
+        self.augment = build_augmentation(cfg.augmentation, trainer.seed)
+
+    def train_dataset(self, first_epoch: int, last_epoch: int) -> tf.data.Dataset:
+        """Epochs first_epoch..last_epoch-1 back to back; each depends only on (seed, epoch)."""
+        return make_dataset(self.data.images, self.data.labels, self.train_indices, self.cfg.trainer.batch_size,
+                            shuffle=True, augment=self.augment, seed=self.cfg.trainer.seed,
+                            epochs=(first_epoch, max(last_epoch, first_epoch)), steps=self.steps)
+
+    def val_dataset(self) -> tf.data.Dataset:
+        return make_dataset(self.data.images, self.data.labels, self.val_indices, self.cfg.trainer.batch_size)
+
+    def build_model(self, cfg=None):
+        """The compiled classifier of `cfg` (default: the session's; keras-tuner passes its trial's).
+        Returns the model, its backbone and the schedule's callbacks."""
+        cfg = cfg or self.cfg
+        model, backbone = build_classifier(cfg.backbone, cfg.head)
+        optimizer, callbacks = build_optimizer(cfg.optimizer, self.steps * cfg.trainer.epochs, self.objective)
+        model.compile(
+            optimizer=optimizer,
+            loss=keras.losses.BinaryCrossentropy(label_smoothing=cfg.trainer.label_smoothing),
+            metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
+        )
+        return model, backbone, callbacks
+
+    def schedule_callbacks(self) -> list:
+        """The schedule's callbacks alone, for a model whose optimizer was restored (a resumed run)."""
+        return SCHEDULES[self.cfg.optimizer.schedule](self.cfg.optimizer, 0, self.objective).callbacks
+
+    def fit(self, model, *, epochs: int | None = None, initial_epoch: int = 0, best: BestEpoch | None = None,
+            callbacks=(), after_best=(), profile_dir: Path | None = None) -> FitResult:
+        """Train up to `epochs` (default trainer.epochs; 0: only evaluate) and leave the best epoch's
+        weights in `model`. `after_best` callbacks see the best epoch updated (checkpoints, logging)."""
+        trainer = self.cfg.trainer
+        epochs = trainer.epochs if epochs is None else epochs
+        val_ds = self.val_dataset()
+        if epochs == 0:
+            scores = {f"val_{k}": float(v) for k, v in model.evaluate(val_ds, return_dict=True, verbose=0).items()}
+            return FitResult(0, scores, {k: [v] for k, v in scores.items()})
+        best = best or BestEpoch(self.objective)
+        every = [*callbacks]
+        if trainer.bn_recalibration_batches:
+            every.append(BatchNormRecalibration(self._recalibration_batches))
+        every += [best, *after_best]
+        if trainer.early_stopping_patience > 0:
+            every.append(keras.callbacks.EarlyStopping(monitor=self.objective.metric, mode=self.objective.mode,
+                                                       patience=trainer.early_stopping_patience))
+        if trainer.profile_batches and profile_dir is not None:
+            every.append(ProfileBatches(profile_dir, *trainer.profile_batches))
+        with interrupt_between_batches() as stop_on_interrupt:
+            history = model.fit(self.train_dataset(initial_epoch, epochs), validation_data=val_ds, epochs=epochs,
+                                initial_epoch=initial_epoch, steps_per_epoch=self.steps,
+                                callbacks=[*every, stop_on_interrupt], shuffle=False,
+                                verbose=progress_verbosity(trainer.progress))
+        return FitResult(best.best_epoch, best.best_logs,
+                         {k: [float(v) for v in values] for k, values in history.history.items()})
+
+    def _recalibration_batches(self, epoch: int) -> tf.data.Dataset:
+        # its own seed stream, so recalibrating never shifts the training batches' order
+        return make_dataset(self.data.images, self.data.labels, self.train_indices, self.cfg.trainer.batch_size,
+                            shuffle=True, augment=self.augment, seed=self.cfg.trainer.seed + 7919,
+                            epochs=(epoch, epoch + 1)).take(self.cfg.trainer.bn_recalibration_batches)
+
