@@ -5,6 +5,8 @@
 # Usage: scripts/mlflow_ui.sh [PORT] [BACKEND_URI]   then browse http://127.0.0.1:PORT
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
+source "$(dirname "$0")/find_mlflow.sh"
+find_mlflow "$root"
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
-exec "$root/.venv/bin/mlflow" ui --backend-store-uri "${2:-sqlite:///$root/mlruns/mlflow.db}" \
+exec "$mlflow" ui --backend-store-uri "${2:-sqlite:///$root/mlruns/mlflow.db}" \
     --host 127.0.0.1 --port "${1:-5000}" --workers 1

@@ -27,7 +27,8 @@ while (($#)); do
     esac
     shift 2 || { echo "tracking_server.sh: '$1' needs a value" >&2; exit 2; }
 done
-mlflow="$root/.venv/bin/mlflow"
+source "$(dirname "$0")/find_mlflow.sh"
+find_mlflow "$root"
 server_pid="" postgres_pid=""
 stop() {  # the server first, then the database it writes to (INT: PostgreSQL's fast shutdown)
     [[ -z "$server_pid" ]] || { kill "$server_pid" 2>/dev/null; wait "$server_pid" 2>/dev/null; }
@@ -35,12 +36,11 @@ stop() {  # the server first, then the database it writes to (INT: PostgreSQL's 
 }
 trap stop EXIT
 trap 'exit 143' TERM INT
-[[ -x "$mlflow" ]] || mlflow="$(command -v mlflow)"
 
 start_postgres() {
     local bin="${PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)}"
     [[ -x "$bin/initdb" ]] || { echo "tracking_server.sh: PostgreSQL's initdb not found; set PG_BIN" >&2; exit 2; }
-    "$root/.venv/bin/python" -c "import psycopg" 2>/dev/null || python3 -c "import psycopg" 2>/dev/null || {
+    "$mlflow_python" -c "import psycopg" 2>/dev/null || {
         echo "tracking_server.sh: MLflow reaches PostgreSQL through psycopg: pip install -e '.[server]'" >&2; exit 2; }
     pg_port="${pg_port:-$((port + 1))}"
     local as_owner=()

@@ -213,7 +213,8 @@ def test_a_sweep_parent_stands_for_its_best_jobs(tmp_path):
 
 def test_exported_ensemble_reloads_alone_and_equals_the_members_mean(cv_run, tmp_path):
     from histo_transfer.evaluation.inference import ensemble_probabilities
-    from histo_transfer.tracking.registry import load_models, register_from_config
+    from histo_transfer.tasks.register import main as register_from_config
+    from histo_transfer.tracking.registry import load_models
 
     mlflow.set_tracking_uri(cv_run["uri"])
     parent = cv_run["parent"].info.run_id

@@ -92,3 +92,29 @@ def test_report_writes_every_figure_and_table(tmp_path):
 def test_one_label_only_is_refused(tmp_path):
     with pytest.raises(ValueError, match="both labels"):
         write_report(np.zeros(4), np.full(4, 0.3), None, tmp_path)
+
+
+def test_cam_centre_fraction_is_the_heat_share_in_the_centre_of_the_true_positives(tmp_path):
+    """The report's cam_centre_fraction: the heat maps of the true positives (label 1, p >= 0.5) only,
+    and the share of their heat inside the labelled 32x32 centre."""
+    images = np.zeros((8, 96, 96, 3), np.uint8)
+    images[LABELS == 1] = 1  # marks the positives, so `explain` can tell which patches it was given
+    seen = []
+
+    def centre_heat(patches):  # all heat in the centre for true positives, in a corner otherwise
+        seen.append(len(patches))
+        heat = np.zeros(patches.shape[:3])
+        heat[patches[:, 0, 0, 0] == 1, 40:56, 40:56] = 1
+        heat[patches[:, 0, 0, 0] == 0, :8, :8] = 1
+        return heat
+
+    metrics = write_report(LABELS, PROBS, images, tmp_path / "a", explain=centre_heat)
+    assert metrics["cam_centre_fraction"] == pytest.approx(1.0)
+    assert seen[-1] == 3  # the true positives: p = 0.6, 0.7, 0.9 (0.4 is a false negative)
+
+    def corner_heat(patches):
+        heat = np.zeros(patches.shape[:3])
+        heat[:, :8, :8] = 1
+        return heat
+
+    assert write_report(LABELS, PROBS, images, tmp_path / "b", explain=corner_heat)["cam_centre_fraction"] == 0.0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig
@@ -22,7 +22,7 @@ class EvaluateKeys:
     tta: str = one_of(TTA)
     batch_size: int = between(1)
     split: str = one_of(("auto", "all", "val", "test"))
-    ensemble: EnsembleKeys = field(default_factory=EnsembleKeys)
+    ensemble: EnsembleKeys
 
 
 def validate(cfg: DictConfig) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ class PredictKeys:
     tta: str = one_of(TTA)
     batch_size: int = between(1)
     output: str
-    ensemble: EnsembleKeys = field(default_factory=EnsembleKeys)
+    ensemble: EnsembleKeys
 
 
 def validate(cfg: DictConfig) -> None:

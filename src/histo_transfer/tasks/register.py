@@ -3,7 +3,7 @@ MLflow's model registry."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from omegaconf import DictConfig
@@ -33,8 +33,8 @@ class RegisterKeys:
     model: Any  # or any model reference, exported first
     name: str
     alias: Optional[str]
-    export: ExportKeys = field(default_factory=ExportKeys)
-    ensemble: MembersKeys = field(default_factory=MembersKeys)
+    export: ExportKeys
+    ensemble: MembersKeys
 
 
 def validate(cfg: DictConfig) -> None:
