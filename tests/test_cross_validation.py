@@ -168,7 +168,8 @@ def test_single_fold_jobs_of_a_sweep_share_one_cv_parent(tmp_path):
 def scoring(cv_run, name, *extra):
     from hydra import compose, initialize_config_dir
 
-    keep = [*store_overrides(cv_run["tmp"]), "data.n_train=160", "data.n_test=8"]
+    data = [] if name == "register" else ["data.n_train=160", "data.n_test=8"]  # register composes no data group
+    keep = [*store_overrides(cv_run["tmp"]), *data]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(name, overrides=[*keep, *extra])
 
