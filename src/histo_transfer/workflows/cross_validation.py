@@ -50,6 +50,7 @@ from histo_transfer.workflows.training_run import Fold, run_training
 
 log = logging.getLogger(__name__)
 
+
 def cross_validate(cfg: DictConfig, context: RunContext) -> float:
     """Run the folds (all, or cv.fold alone); returns the out-of-fold AUC once every fold is done,
     otherwise this fold's objective value."""
