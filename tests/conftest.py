@@ -21,7 +21,6 @@ MOBILENET_V1_WEIGHTS = SHARED / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
 PCAM_FOLDERS = SHARED / "data" / "pcam_folders"
 
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # Small enough to train in seconds on 2 cores; overrides shared by every quick run.
 TINY_MODEL = ["backbone=tiny_cnn", "backbone.width=8",
@@ -64,11 +63,66 @@ def compose_config(overrides: list[str]):
         return compose("config", overrides=overrides)
 
 
-def run_cli(args: list[str], cwd: Path = ROOT, timeout: int = 600, script: str = "train.py") -> subprocess.CompletedProcess:
-    """A real entrypoint (train.py or scripts/...), as a user runs it."""
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+def run_cli(args: list[str], script: str = "train.py", fresh_process: bool = False,
+            timeout: int = 600) -> subprocess.CompletedProcess:
+    """A real entrypoint (train.py or scripts/...) run as `python <script> <args>` runs it: its command
+    line, Hydra sweeps and callbacks, exit status and printed lines. In this process unless
+    `fresh_process`: that saves each run a new process's TensorFlow import (~14 s) and first traces.
+    A fresh process where the process itself is under test: its console (C++ lines go to its file
+    descriptors), signals, kill -9, its environment."""
+    if fresh_process:
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    return _run_in_this_process(args, script)
+
+
+def _run_in_this_process(args: list[str], script: str) -> subprocess.CompletedProcess:
+    """runpy runs the script as __main__; what a process would drop at its end is put back afterwards:
+    argv, environment, working folder, tracking URI, logging handlers, warning filters, Hydra's global
+    state, active MLflow runs and Keras' graph state."""
+    import io
+    import logging
+    import runpy
+    import traceback
+    import warnings
+
+    import mlflow
+    from hydra.core.global_hydra import GlobalHydra
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    argv, environ, cwd, uri = sys.argv, dict(os.environ), os.getcwd(), mlflow.get_tracking_uri()
+    root_logger = logging.getLogger()
+    handlers, level = list(root_logger.handlers), root_logger.level
+    sys.argv = [str(ROOT / script), *args]
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    GlobalHydra.instance().clear()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException as exc:  # noqa: BLE001 - uncaught: the process's traceback and exit status 1
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        err.write(traceback.format_exc())
+        code = 1
+    finally:
+        sys.argv = argv
+        os.environ.clear()
+        os.environ.update(environ)
+        os.chdir(cwd)
+        GlobalHydra.instance().clear()
+        while mlflow.active_run() is not None:  # a process that ends ends its runs
+            mlflow.end_run()
+        mlflow.set_tracking_uri(uri)
+        for handler in root_logger.handlers:
+            if handler not in handlers:
+                handler.close()
+        root_logger.handlers[:], root_logger.level = handlers, level
+        if "keras" in sys.modules:
+            sys.modules["keras"].backend.clear_session()
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 
 def write_kaggle_layout(root: Path, labels: list[int], size=(96, 96), mode="RGB", test: int = 0) -> list[str]:
@@ -100,18 +154,20 @@ def trained_run(trained_once):
 
 @pytest.fixture(scope="session")
 def trained_once(tmp_path_factory):
-    """One tiny model trained through `python train.py`; tests read its MLflow run."""
+    """One tiny model trained through `python train.py` in a process of its own, as a user runs it
+    (its console is under test too); tests read its MLflow run and what it printed."""
     import mlflow
 
     tmp = tmp_path_factory.mktemp("trained")
     overrides = [*TINY_RUN, *store_overrides(tmp), "tracking.system_metrics_interval=1"]
-    result = run_cli(overrides)
+    result = run_cli(overrides, fresh_process=True)
     assert result.returncode == 0, result.stderr[-3000:]
     uri = f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["histo-transfer"], output_format="list")
     assert len(runs) == 1
-    return {"run": runs[0], "uri": uri, "tmp": tmp, "overrides": overrides, "cfg": compose_config(overrides)}
+    return {"run": runs[0], "uri": uri, "tmp": tmp, "overrides": overrides, "cfg": compose_config(overrides),
+            "stdout": result.stdout, "stderr": result.stderr}
 
 
 def free_port() -> int:

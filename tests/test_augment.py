@@ -250,3 +250,27 @@ def test_bench_input_times_compute_and_real_epochs_alternately(tmp_path):
     needed = float(cpu.split("the pipeline needs ")[1].split(" cores")[0])
     compute_rate = float(rows["(d)"][2].replace(",", ""))
     assert abs(needed - pipeline_us * 1e-6 * compute_rate) <= 0.01 + needed * 0.5 / pipeline_us
+
+
+def test_a_memory_mapped_cache_gives_datasets_of_known_length_that_fit_without_running_out(tmp_path):
+    """Keras warns "Your input ran out of data" at the end of every epoch and evaluation of a dataset
+    whose length it does not know: reading the packed cache record by record must say its length."""
+    import warnings
+
+    import keras
+
+    images = np.lib.format.open_memmap(tmp_path / "images.npy", mode="w+", dtype=np.uint8, shape=(45, 96, 96, 3))
+    images[:] = np.random.default_rng(0).integers(0, 256, images.shape, dtype=np.uint8)
+    labels = (np.arange(45) % 2).astype(np.int8)
+    train, val = np.arange(0, 45, 3), np.arange(1, 45, 3)  # 15 patches each
+    train_ds = make_dataset(images, labels, train, 4, shuffle=True, epochs=(0, 2))
+    val_ds = make_dataset(images, labels, val, 4)
+    assert int(val_ds.cardinality()) == 4 and int(train_ds.cardinality()) == 8  # 4 batches per epoch
+    model = keras.Sequential([keras.Input((96, 96, 3)), keras.layers.Rescaling(1 / 255),
+                              keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1, activation="sigmoid")])
+    model.compile(loss="binary_crossentropy")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(train_ds, validation_data=val_ds, epochs=2, steps_per_epoch=4, verbose=0)
+        model.evaluate(val_ds, verbose=0)
+    assert not [w for w in caught if "ran out of data" in str(w.message)]

@@ -196,3 +196,18 @@ def test_what_runs_write_under_the_project_root_is_ignored_by_git():
                ".cache/x", "submission.csv"]
     result = subprocess.run(["git", "check-ignore", "--no-index", *written], cwd=ROOT, capture_output=True, text=True)
     assert sorted(result.stdout.split()) == sorted(written)
+
+
+def test_help_names_the_program_says_what_it_does_and_lists_only_user_choices():
+    result = run_cli(["--help"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    first = result.stdout.splitlines()[0]
+    assert first.startswith("train.py: one training run, a keras-tuner search")
+    assert "powered by Hydra" not in result.stdout and "_common" not in result.stdout
+    groups = {line.split()[0]: line for line in result.stdout.split("Config groups")[1].split("Config (")[0]
+              .splitlines()[1:] if line.strip()}
+    assert {"backbone", "data", "optimizer", "cv", "hydra/launcher"} <= set(groups) and "hydra/job_logging" not in groups
+    assert "mobilenetv2*" in groups["backbone"] and "tiny_cnn" in groups["backbone"] and "(null*)" in groups["cv"]
+    assert "slurm" in groups["hydra/launcher"] and "basic*" in groups["hydra/launcher"]
+    chosen = run_cli(["--help", "backbone=tiny_cnn"])
+    assert "tiny_cnn*" in chosen.stdout and "mobilenetv2*" not in chosen.stdout  # the screen follows overrides

@@ -41,6 +41,22 @@ def test_run_finishes_with_every_metric_per_epoch(trained_run):
     assert run.data.metrics["best_val_loss"] == pytest.approx(val_loss[best_epoch])
 
 
+def test_a_default_console_is_quiet_and_ends_with_a_summary_that_opens_the_run(trained_run):
+    """No TensorFlow C++ INFO line (the process sets no TF_CPP_MIN_LOG_LEVEL: conftest does not either),
+    no Keras "ran out of data"; the last lines say what the run found and how to see it in the UI."""
+    run, printed = trained_run["run"], trained_run["stdout"] + trained_run["stderr"]
+    assert "TF_CPP_MIN_LOG_LEVEL" not in trained_run["cfg"] and not [
+        line for line in printed.splitlines() if line.startswith(("I0000", "WARNING: All log messages before absl"))]
+    assert "oneDNN custom operations" not in printed and "ran out of data" not in printed
+    summary = trained_run["stdout"][trained_run["stdout"].index(f"({run.info.run_id}): FINISHED"):]
+    best = run.data.metrics["best_val_auc"]
+    assert f"best val_auc {best:.4f} at epoch {int(run.data.metrics['best_epoch'])} of 2" in summary
+    assert "128 training and 32 validation patches; weights: random" in summary
+    uri = trained_run["uri"]
+    assert f"scripts/mlflow_ui.sh 5000 '{uri}'" in summary
+    assert f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" in summary
+
+
 def test_run_records_config_as_dotted_params_and_its_tags(trained_run):
     run, cfg = trained_run["run"], trained_run["cfg"]
     params = run.data.params

@@ -44,7 +44,9 @@ def make_dataset(images, labels: np.ndarray, indices: np.ndarray, batch_size: in
                 return tf.boolean_mask(index, keep), tf.boolean_mask(block, keep)
 
             chunks = records.batch(READ_CHUNK).enumerate().map(decode, num_parallel_calls=tf.data.AUTOTUNE)
-            return chunks.unbatch()
+            # unbatch forgets how many patches come: said here, Keras knows where each epoch ends
+            # (an unknown length ends each epoch and evaluation with "Your input ran out of data")
+            return chunks.unbatch().apply(tf.data.experimental.assert_cardinality(int(wanted.sum())))
         order = np.flatnonzero(wanted)  # an array in memory (tests, small sets)
         return tf.data.Dataset.from_tensor_slices((order, np.asarray(images)[order]))
 

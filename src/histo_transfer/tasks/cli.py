@@ -26,6 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from histo_transfer.config.context import RunContext
 from histo_transfer.config.errors import UserError
+from histo_transfer.tasks.console import import_tensorflow_quietly
 
 PARENT_RUN_ENV = "HISTO_TRANSFER_PARENT_RUN_ID"  # a sweep's parent run, set by tasks.sweep for its jobs
 
@@ -33,14 +34,24 @@ PARENT_RUN_ENV = "HISTO_TRANSFER_PARENT_RUN_ID"  # a sweep's parent run, set by 
 def run(task: str, config_dir: Path) -> None:
     """Run the task module `task` (e.g. "histo_transfer.tasks.train") under Hydra, after checking every
     config the command line asks for."""
+    # TensorFlow's C++ INFO lines (XLA and oneDNN banners) say nothing a user acts on; warnings stay
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     module = importlib.import_module(task)
     args, _ = _arguments().parse_known_args()
     config_name = args.config_name or module.CONFIG_NAME
+    if args.help:  # Hydra's own help says "cli is powered by Hydra" and lists internal options
+        from histo_transfer.tasks.help import help_text
+
+        what = " ".join((module.__doc__ or "").strip().split("\n\n")[0].split()).split(": ", 1)[-1]
+        print(help_text(Path(sys.argv[0]).name, what, config_dir, config_name, args.overrides))
+        return
     if not (args.help or args.hydra_help or args.version or args.info or args.cfg or args.shell_completion):
         _guard(lambda: precheck(config_dir, config_name, args.overrides, module.validate))
 
     @hydra.main(config_path=str(config_dir), config_name=module.CONFIG_NAME, version_base="1.3")
     def main(cfg: DictConfig):
+        if getattr(module, "LOADS_TENSORFLOW", False):  # here, so its load-time banners can be dropped
+            import_tensorflow_quietly()
         return _guard(lambda: module.main(cfg, job_context()))
 
     main()

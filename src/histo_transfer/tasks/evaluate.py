@@ -14,6 +14,7 @@ from histo_transfer.tasks import validation
 from histo_transfer.tasks.validation import EnsembleKeys
 
 CONFIG_NAME = "evaluate"
+LOADS_TENSORFLOW = True  # tasks.cli imports TensorFlow before main, dropping its load-time banners
 
 
 @dataclass

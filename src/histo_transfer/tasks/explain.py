@@ -12,6 +12,7 @@ from histo_transfer.config.context import RunContext
 from histo_transfer.tasks import validation
 
 CONFIG_NAME = "explain"
+LOADS_TENSORFLOW = True  # tasks.cli imports TensorFlow before main, dropping its load-time banners
 
 
 @dataclass

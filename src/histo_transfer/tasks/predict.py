@@ -15,6 +15,7 @@ from histo_transfer.tasks import validation
 from histo_transfer.tasks.validation import EnsembleKeys
 
 CONFIG_NAME = "predict"
+LOADS_TENSORFLOW = True  # tasks.cli imports TensorFlow before main, dropping its load-time banners
 
 
 @dataclass

@@ -15,6 +15,7 @@ from histo_transfer.evaluation.inference import TTA
 from histo_transfer.tasks import validation
 
 CONFIG_NAME = "register"
+LOADS_TENSORFLOW = True  # tasks.cli imports TensorFlow before main, dropping its load-time banners
 
 
 @dataclass

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import logging
 import tempfile
+from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -16,6 +17,7 @@ from histo_transfer.training.distribution import worker_role
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config"
+LOADS_TENSORFLOW = True  # tasks.cli imports TensorFlow before main, dropping its load-time banners
 
 
 def validate(cfg: DictConfig) -> None:
@@ -30,7 +32,30 @@ def main(cfg: DictConfig, context: RunContext | None = None) -> float:
         role = worker_role()
         if not role.is_chief:
             return _train_as_worker(cfg, context, role)
-    return _train(cfg, context)
+    best = _train(cfg, context)
+    if context.parent_run_id is None:  # a sweep's jobs leave the screen to the sweep's summary
+        _print_summary(cfg)
+    return best
+
+
+def _print_summary(cfg: DictConfig) -> None:
+    """The screen the run ends with: what it found and the command that opens it in the UI. Skipped
+    when the tracking server is away: the run then waits in its outbox, and the run said how to send it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from histo_transfer.tasks.summary import run_summary
+    from histo_transfer.tracking.outbox import store_answers
+
+    uri = mlflow.get_tracking_uri()
+    if not store_answers(uri):
+        return
+    try:
+        run = mlflow.last_active_run()  # the run this process ended last: the run, or a CV's or search's parent
+        if run is not None:
+            print(run_summary(run.info.run_id, uri, Path(cfg.paths.root_dir), metric=cfg.objective.metric), flush=True)
+    except MlflowException as error:  # the server went away since: the summary is a courtesy, the run is safe
+        log.info("no summary: the tracking store did not answer (%s)", str(error).splitlines()[0])
 
 
 def _train(cfg: DictConfig, context: RunContext) -> float:
