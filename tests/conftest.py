@@ -80,7 +80,7 @@ def run_cli(args: list[str], script: str = "train.py", fresh_process: bool = Fal
 def _run_in_this_process(args: list[str], script: str) -> subprocess.CompletedProcess:
     """runpy runs the script as __main__; what a process would drop at its end is put back afterwards:
     argv, environment, working folder, tracking URI, logging handlers, warning filters, Hydra's global
-    state, active MLflow runs and Keras' graph state."""
+    state, active MLflow runs, Keras' precision policy and graph state."""
     import io
     import logging
     import runpy
@@ -97,6 +97,7 @@ def _run_in_this_process(args: list[str], script: str) -> subprocess.CompletedPr
     sys.argv = [str(ROOT / script), *args]
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     GlobalHydra.instance().clear()
+    _absl_to_the_real_stderr()
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             runpy.run_path(str(ROOT / script), run_name="__main__")
@@ -116,13 +117,24 @@ def _run_in_this_process(args: list[str], script: str) -> subprocess.CompletedPr
         while mlflow.active_run() is not None:  # a process that ends ends its runs
             mlflow.end_run()
         mlflow.set_tracking_uri(uri)
-        for handler in root_logger.handlers:
-            if handler not in handlers:
+        for handler in root_logger.handlers:  # Hydra's log file of the run; streams are not the run's to close
+            if handler not in handlers and isinstance(handler, logging.FileHandler):
                 handler.close()
         root_logger.handlers[:], root_logger.level = handlers, level
+        _absl_to_the_real_stderr()
         if "keras" in sys.modules:
-            sys.modules["keras"].backend.clear_session()
+            keras = sys.modules["keras"]
+            keras.mixed_precision.set_global_policy("float32")
+            keras.backend.clear_session()
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
+def _absl_to_the_real_stderr() -> None:
+    """absl's log handler (TensorFlow imports it) closes its stream when Hydra reconfigures logging, unless
+    that stream is sys.stderr at that moment: with sys.stderr redirected, it would close pytest's capture."""
+    absl_logging = sys.modules.get("absl.logging")
+    if absl_logging is not None:
+        absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__
 
 
 def write_kaggle_layout(root: Path, labels: list[int], size=(96, 96), mode="RGB", test: int = 0) -> list[str]:

@@ -19,7 +19,6 @@ from histo_transfer.config.errors import ConfigError
 from histo_transfer.data.folds import assign_folds
 from histo_transfer.workflows.comparison import cv_runs_of
 
-pytestmark = pytest.mark.slow
 TINY_CV = [o for o in TINY_RUN if not o.startswith("trainer.epochs")] + ["trainer.epochs=1", "cv=kfold", "cv.folds=3"]
 
 
@@ -48,6 +47,7 @@ def cv_run(tmp_path_factory):
     return {"tmp": tmp, "uri": uri, "client": client, "parent": parent, "folds": folds}
 
 
+@pytest.mark.slow
 def test_cv_is_one_parent_with_a_complete_nested_run_per_fold(cv_run):
     parent, folds, client = cv_run["parent"], cv_run["folds"], cv_run["client"]
     assert parent.info.status == "FINISHED" and parent.data.tags["cv.grouped"] == "false"
@@ -64,6 +64,7 @@ def test_cv_is_one_parent_with_a_complete_nested_run_per_fold(cv_run):
     assert "evaluation/roc.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "evaluation")}
 
 
+@pytest.mark.slow
 def test_out_of_fold_predictions_cover_every_patch_once_and_give_the_honest_auc(cv_run):
     parent, uri = cv_run["parent"], cv_run["uri"]
     assignment = artifact_csv(parent.info.run_id, "cv/folds.csv", uri)
@@ -110,6 +111,7 @@ def test_kaggle_groups_csv_maps_slides_and_unlisted_ids_become_their_own_group(t
     assert len({groups[i] for i in ids[9:]}) == 3 and not {groups[i] for i in ids[9:]} & {"slide0", "slide1", "slide2"}
 
 
+@pytest.mark.slow
 def test_an_interrupted_cv_resumes_into_the_same_parent(tmp_path):
     args = [o for o in TINY_CV if not o.startswith(("trainer.epochs", "data.n_train"))] + [
         "data.n_train=900", "trainer.epochs=3", *store_overrides(tmp_path)]
@@ -156,6 +158,7 @@ def _fold_finished(uri, number) -> bool:
     return any(status == "FINISHED" for (status,) in rows)
 
 
+@pytest.mark.slow
 def test_single_fold_jobs_of_a_sweep_share_one_cv_parent(tmp_path):
     result = run_cli(["-m", *[o for o in TINY_CV if o != "cv.folds=3"], "cv.folds=2", "cv.fold=0,1",
                       *store_overrides(tmp_path)])
@@ -174,6 +177,7 @@ def scoring(cv_run, name, *extra):
         return compose(name, overrides=[*keep, *extra])
 
 
+@pytest.mark.slow
 def test_every_kind_of_model_reference_scores_as_an_ensemble(cv_run, tmp_path):
     from histo_transfer.tracking.registry import member_refs
     from histo_transfer.workflows.scoring import evaluate, predict
@@ -195,6 +199,7 @@ def test_every_kind_of_model_reference_scores_as_an_ensemble(cv_run, tmp_path):
     assert len(pd.read_csv(output)) == 8
 
 
+@pytest.mark.slow
 def test_a_sweep_parent_stands_for_its_best_jobs(tmp_path):
     from histo_transfer.tracking.registry import member_refs
 
@@ -212,6 +217,7 @@ def test_a_sweep_parent_stands_for_its_best_jobs(tmp_path):
         cv_runs_of(parent.info.run_id)  # compare_cv needs out-of-fold predictions; these jobs have none
 
 
+@pytest.mark.slow
 def test_exported_ensemble_reloads_alone_and_equals_the_members_mean(cv_run, tmp_path):
     from histo_transfer.evaluation.inference import ensemble_probabilities
     from histo_transfer.tasks.register import main as register_from_config
@@ -237,6 +243,7 @@ def test_exported_ensemble_reloads_alone_and_equals_the_members_mean(cv_run, tmp
     assert alone.shape == (6, 1) and np.abs(alone[:, 0] - expected).max() < 1e-5
 
 
+@pytest.mark.slow
 def test_compare_cv_pairs_recipes_on_the_same_out_of_fold_patches(cv_run):
     from histo_transfer.workflows.comparison import compare
 

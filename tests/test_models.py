@@ -7,6 +7,7 @@ import logging
 import keras
 import numpy as np
 import pytest
+from conftest import run_cli
 from omegaconf import OmegaConf
 
 from histo_transfer.config.errors import ConfigError
@@ -132,3 +133,14 @@ def test_mixed_precision_on_a_gpu_trains_in_float16_with_a_float32_output(monkey
         assert output.dtype == "float32" and ((0 <= output) & (output <= 1)).numpy().all()
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_bench_train_prints_one_row_per_backbone_batch_and_precision():
+    result = run_cli(["--backbones", "tiny_cnn", "--batch-sizes", "4,8", "--input-size", "32", "--precisions",
+                      "float32,mixed_float16", "--xla", "off", "--steps", "2", "--warmup", "1"],
+                     script="scripts/bench_train.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| tiny_cnn")]
+    assert [(r[1].strip(), r[2].strip()) for r in rows] == [
+        ("4", "float32"), ("4", "mixed_float16"), ("8", "float32"), ("8", "mixed_float16")]
+    assert all(float(r[4].replace(",", "")) > 0 for r in rows)

@@ -16,7 +16,6 @@ import pytest
 from conftest import ROOT, TINY_RUN, free_port, loopback_server, run_cli, store_overrides
 from mlflow.tracking import MlflowClient
 
-pytestmark = pytest.mark.slow
 EPOCH_METRICS = ["loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc", "lr"]
 # epochs long enough (a few seconds) to be interrupted in the middle
 SLOW_RUN = [o for o in TINY_RUN if not o.startswith(("data.n_train", "trainer.epochs"))] + [
@@ -50,6 +49,7 @@ def artifact_paths(client, run_id, path=""):
     return sorted(found)
 
 
+@pytest.mark.slow
 def test_kill_9_in_epoch_2_then_resume_continues_the_same_run(tmp_path):
     args = [*SLOW_RUN, *store_overrides(tmp_path), f"trainer.checkpoint_dir={tmp_path / 'ckpt'}"]
     process = start_training(args, tmp_path)
@@ -89,6 +89,7 @@ def test_kill_9_in_epoch_2_then_resume_continues_the_same_run(tmp_path):
     assert mine[3] == pytest.approx(first[3], abs=0.05)
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_the_run_killed_with_a_resume_hint(tmp_path):
     args = [*SLOW_RUN, "trainer.epochs=20", *store_overrides(tmp_path), f"trainer.checkpoint_dir={tmp_path / 'ckpt'}"]
     process = start_training(args, tmp_path)
@@ -103,11 +104,12 @@ def test_ctrl_c_ends_the_run_killed_with_a_resume_hint(tmp_path):
     assert list((tmp_path / "ckpt").glob("*/epoch_*/state.keras"))  # resumable
 
 
+@pytest.mark.slow
 def test_mirrored_training_on_two_logical_cpus_matches_one_device(tmp_path):
     common = [*TINY_RUN, "trainer.epochs=2"]
     single = run_cli([*common, *store_overrides(tmp_path / "one"), "trainer.strategy=default"])
     mirrored = run_cli([*common, *store_overrides(tmp_path / "two"), "trainer.strategy=mirrored",
-                        "trainer.logical_cpu_devices=2"])
+                        "trainer.logical_cpu_devices=2"], fresh_process=True)  # CPUs split before TensorFlow starts
     assert single.returncode == 0, single.stderr[-3000:]
     assert mirrored.returncode == 0, mirrored.stderr[-3000:]
     one = only_run(f"sqlite:///{tmp_path / 'one' / 'mlruns' / 'mlflow.db'}")
@@ -119,6 +121,7 @@ def test_mirrored_training_on_two_logical_cpus_matches_one_device(tmp_path):
     assert two.data.metrics["best_val_auc"] == pytest.approx(one.data.metrics["best_val_auc"], abs=0.15)
 
 
+@pytest.mark.slow
 def test_team_tracking_server_receives_runs_and_sweeps_without_credentials(tmp_path, monkeypatch):
     port = free_port()
     base = f"http://127.0.0.1:{port}"

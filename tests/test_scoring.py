@@ -19,7 +19,6 @@ from histo_transfer.evaluation.inference import SubmissionError, predict_probabi
 from histo_transfer.tracking.registry import load_model, register
 from histo_transfer.workflows.scoring import evaluate, predict
 
-pytestmark = pytest.mark.slow
 
 
 def scoring_config(trained_run, name, *extra):
@@ -43,6 +42,7 @@ def _test_images(root):
     return ids, read_patches([root / "test" / f"{i}.tif" for i in ids])
 
 
+@pytest.mark.slow
 def test_predict_writes_a_checked_submission_linked_to_the_model_run(trained, tmp_path):
     output = tmp_path / "submission.csv"
     predict(scoring_config(trained, "predict", f"model={trained['run_id']}", f"output={output}"))
@@ -57,6 +57,7 @@ def test_predict_writes_a_checked_submission_linked_to_the_model_run(trained, tm
         "submission/submission.csv"]
 
 
+@pytest.mark.slow
 def test_submission_follows_sample_submission_order(trained, tmp_path):
     ids, _ = _test_images(trained["root"])
     template = trained["root"] / "sample_submission.csv"
@@ -69,6 +70,7 @@ def test_submission_follows_sample_submission_order(trained, tmp_path):
         template.unlink()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("tta", "views"), [("flips", 4), ("dihedral8", 8)])
 def test_tta_averages_the_views(trained, tta, views):
     _, images = _test_images(trained["root"])
@@ -96,6 +98,7 @@ def test_bad_submissions_are_refused(ids, labels, message):
         submission_frame(ids, labels, expected_ids=["a", "b", "c"])
 
 
+@pytest.mark.slow
 def test_evaluate_reports_on_a_labelled_folder(trained):
     metrics = evaluate(scoring_config(trained, "evaluate", f"model={trained['run_id']}", "tta=flips"))
     client = MlflowClient(trained["uri"])
@@ -113,6 +116,7 @@ def test_evaluate_reports_on_a_labelled_folder(trained):
     assert "cam_centre_fraction" in metrics  # one model: where it looks, on its true positives
 
 
+@pytest.mark.slow
 def test_registered_model_is_usable_by_alias_and_version(trained, tmp_path):
     version = register(trained["run_id"], "pcam-classifier", "champion")
     _, images = _test_images(trained["root"])
@@ -143,6 +147,7 @@ def test_model_with_arbitrary_code_is_refused(tmp_path):
         load_model(str(path))
 
 
+@pytest.mark.slow
 def test_mlflow_model_serving_answers_like_the_model(trained):
     """`mlflow models serve --env-manager local` on a loopback port, posting real patches."""
     import json
@@ -164,6 +169,7 @@ def test_mlflow_model_serving_answers_like_the_model(trained):
     assert np.allclose(served, trained["model"].predict(images, verbose=0)[:, 0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_grad_cam_maps_and_the_centre_fraction(trained):
     from histo_transfer.evaluation.gradcam import centre_fraction, grad_cam
 
@@ -176,6 +182,7 @@ def test_grad_cam_maps_and_the_centre_fraction(trained):
     assert centre_fraction(blob) == 1.0
 
 
+@pytest.mark.slow
 def test_explain_script_renders_chosen_patches(trained, tmp_path):
     ids = read_labelled(trained["root"]).ids[:3].tolist()
     output = tmp_path / "why.png"

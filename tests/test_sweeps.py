@@ -15,7 +15,6 @@ from histo_transfer.config.objective import Objective
 from histo_transfer.tasks.train import main as train
 from histo_transfer.tracking.parent_runs import ParentRun
 
-pytestmark = pytest.mark.slow
 TINY_SWEEP = [o for o in TINY_RUN if not o.startswith("trainer.epochs")] + ["trainer.epochs=1"]
 
 
@@ -33,6 +32,7 @@ def summary(client, parent):
     return pd.read_csv(path)
 
 
+@pytest.mark.slow
 def test_grid_sweep_is_one_parent_with_nested_jobs_and_a_summary(tmp_path):
     result = run_cli(["-m", *TINY_SWEEP, *store_overrides(tmp_path), "tracking.register_best=sweep-best",
                       "optimizer.lr=0.001,0.01", "augmentation=none,basic"])
@@ -59,6 +59,7 @@ def test_grid_sweep_is_one_parent_with_nested_jobs_and_a_summary(tmp_path):
     assert champion.run_id == best.info.run_id
 
 
+@pytest.mark.slow
 def test_an_interrupted_sweep_resumes_into_the_same_parent_and_keeps_its_finished_jobs(tmp_path):
     command = ["-m", *TINY_SWEEP, *store_overrides(tmp_path), "optimizer.lr=0.001,0.01"]
     result = run_cli(command)
@@ -83,6 +84,7 @@ def test_an_interrupted_sweep_resumes_into_the_same_parent_and_keeps_its_finishe
     assert again.data.tags["best_child_run_id"] == max(finished, key=lambda r: r.data.metrics["best_val_auc"]).info.run_id
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("children, ends", [(["FINISHED", "KILLED"], "KILLED"), (["KILLED", "FAILED"], "FAILED"),
                                             ([], "FAILED")])
 def test_a_parent_its_process_left_running_ends_killed_after_ctrl_c_else_failed(tmp_path, children, ends):
@@ -100,6 +102,7 @@ def test_a_parent_its_process_left_running_ends_killed_after_ctrl_c_else_failed(
     assert client.get_run(parent.run_id).info.status == ends
 
 
+@pytest.mark.slow
 def test_a_recorded_parent_counts_only_while_the_store_holds_it(tmp_path):
     from histo_transfer.tracking.parent_runs import record_parent, recorded_parent
 
@@ -114,6 +117,7 @@ def test_a_recorded_parent_counts_only_while_the_store_holds_it(tmp_path):
     assert recorded_parent(record) is None
 
 
+@pytest.mark.slow
 def test_epochs_zero_compares_backbones(tmp_path):
     tiny = [o for o in TINY_SWEEP if not o.startswith("backbone")]
     result = run_cli(["-m", *tiny, *store_overrides(tmp_path), "trainer.epochs=0",
@@ -129,6 +133,7 @@ def test_epochs_zero_compares_backbones(tmp_path):
             assert row[metric] == pytest.approx(child.data.metrics[metric])
 
 
+@pytest.mark.slow
 def test_optuna_search_over_the_learning_rate(tmp_path):
     result = run_cli([*TINY_SWEEP, *store_overrides(tmp_path), "hparams_search=lr_optuna", "hydra.sweeper.n_trials=3"])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -142,6 +147,7 @@ def test_optuna_search_over_the_learning_rate(tmp_path):
     assert parent.data.metrics["best_val_auc"] == pytest.approx(best.data.metrics["best_val_auc"])
 
 
+@pytest.mark.slow
 def test_parallel_joblib_jobs_share_one_sqlite_store(tmp_path):
     result = run_cli(["-m", *TINY_SWEEP, *store_overrides(tmp_path), "hydra/launcher=parallel",
                       "trainer.seed=1,2,3,4"], timeout=900)
@@ -156,6 +162,7 @@ def test_parallel_joblib_jobs_share_one_sqlite_store(tmp_path):
         assert "best_val_auc" in child.data.metrics
 
 
+@pytest.mark.slow
 def test_keras_tuner_search_nests_trials_and_resumes(tmp_path):
     overrides = [*TINY_SWEEP, *store_overrides(tmp_path), "tuner=random", "tuner.max_trials=2",
                  f"tuner.directory={tmp_path / 'kt'}"]
@@ -188,6 +195,7 @@ def test_launcher_configs_compose_against_their_plugins():
     assert get_class(ray.hydra.launcher._target_).__name__ == "RayLauncher"  # the dev extra installs it
 
 
+@pytest.mark.slow
 def test_a_sweep_over_data_frac_plots_a_learning_curve(tmp_path):
     result = run_cli(["-m", *TINY_SWEEP, *store_overrides(tmp_path), "data.frac=0.25,1.0"])
     assert result.returncode == 0, result.stderr[-3000:]

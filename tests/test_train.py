@@ -16,7 +16,6 @@ from histo_transfer.config.errors import DataError
 from histo_transfer.tasks.train import main as train
 
 EPOCH_METRICS = ["loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc", "lr"]
-pytestmark = pytest.mark.slow
 
 
 def _artifacts(client, run_id, path=""):
@@ -26,6 +25,7 @@ def _artifacts(client, run_id, path=""):
     return found
 
 
+@pytest.mark.slow
 def test_run_finishes_with_every_metric_per_epoch(trained_run):
     run, client = trained_run["run"], MlflowClient(trained_run["uri"])
     assert run.info.status == "FINISHED"
@@ -41,6 +41,7 @@ def test_run_finishes_with_every_metric_per_epoch(trained_run):
     assert run.data.metrics["best_val_loss"] == pytest.approx(val_loss[best_epoch])
 
 
+@pytest.mark.slow
 def test_a_default_console_is_quiet_and_ends_with_a_summary_that_opens_the_run(trained_run):
     """No TensorFlow C++ INFO line (the process sets no TF_CPP_MIN_LOG_LEVEL: conftest does not either),
     no Keras "ran out of data"; the last lines say what the run found and how to see it in the UI."""
@@ -57,6 +58,7 @@ def test_a_default_console_is_quiet_and_ends_with_a_summary_that_opens_the_run(t
     assert f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" in summary
 
 
+@pytest.mark.slow
 def test_run_records_config_as_dotted_params_and_its_tags(trained_run):
     run, cfg = trained_run["run"], trained_run["cfg"]
     params = run.data.params
@@ -80,6 +82,7 @@ def test_run_names_fit_mlflow_s_250_characters():
     assert "paths." not in name
 
 
+@pytest.mark.slow
 def test_run_logs_config_plots_summary_and_models(trained_run):
     run_id, client = trained_run["run"].info.run_id, MlflowClient(trained_run["uri"])
     artifacts = set(_artifacts(client, run_id))
@@ -104,6 +107,7 @@ def test_run_logs_config_plots_summary_and_models(trained_run):
     assert (trained_run["tmp"] / "mlruns" / "artifacts").is_dir()
 
 
+@pytest.mark.slow
 def test_run_shows_in_the_ui_with_datasets_system_metrics_timing_and_a_description(trained_run):
     run, client = trained_run["run"], MlflowClient(trained_run["uri"])
     experiment = client.get_experiment(run.info.experiment_id)
@@ -124,6 +128,7 @@ def test_run_shows_in_the_ui_with_datasets_system_metrics_timing_and_a_descripti
     assert f"{run.data.metrics['best_val_auc']:.4f}" in note and "s of wall time" in note
 
 
+@pytest.mark.slow
 def test_saved_model_loads_without_the_project_and_reproduces_predictions(trained_run, tmp_path):
     run_id = trained_run["run"].info.run_id
     path = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model/model.keras", dst_path=str(tmp_path))
@@ -142,6 +147,7 @@ def test_saved_model_loads_without_the_project_and_reproduces_predictions(traine
     assert np.allclose(np.asarray(logged.predict(patches.astype(np.float32))).reshape(-1, 1), from_float, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_saved_model_is_the_best_epoch(trained_run, tmp_path):
     """Scored with the training metric, the saved model gives exactly the best epoch's val AUC."""
     import keras
@@ -174,6 +180,7 @@ def test_best_epoch_callback_restores_the_best_weights():
     assert model.layers[0].get_weights()[0][0, 0] == 1  # the weights of epoch 2 (index 1)
 
 
+@pytest.mark.slow
 def test_failed_run_ends_failed_with_the_error(tmp_path):
     ids = write_kaggle_layout(tmp_path / "kaggle", [0, 1] * 10)
     (tmp_path / "kaggle" / "train" / f"{ids[3]}.tif").write_bytes(b"broken")
@@ -185,6 +192,7 @@ def test_failed_run_ends_failed_with_the_error(tmp_path):
     assert f"{ids[3]}.tif" in run.data.tags["error"]
 
 
+@pytest.mark.slow
 def test_train_returns_best_val_auc_and_honours_frac(tmp_path):
     cfg = compose_config([*TINY_RUN, *store_overrides(tmp_path), "data.frac=0.5", "trainer.epochs=1",
                           "tracking.run_name=half", "augmentation=strong", "optimizer=sgd"])
@@ -195,6 +203,7 @@ def test_train_returns_best_val_auc_and_honours_frac(tmp_path):
     assert run.data.metrics["n_train"] + run.data.metrics["n_val"] == 80  # half of 160
 
 
+@pytest.mark.slow
 def test_epochs_zero_evaluates_the_untrained_model(tmp_path):
     cfg = compose_config([*TINY_RUN, *store_overrides(tmp_path), "trainer.epochs=0"])
     best = train(cfg)
@@ -206,6 +215,7 @@ def test_epochs_zero_evaluates_the_untrained_model(tmp_path):
         assert point.step == 0 and point.value == pytest.approx(run.data.metrics[f"best_{name}"])
 
 
+@pytest.mark.slow
 def test_skip_policy_trains_without_bad_images_and_lists_them(tmp_path):
     root = tmp_path / "kaggle"
     ids = write_kaggle_layout(root, [0, 1] * 20)
