@@ -21,7 +21,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import ROOT, TINY_RUN, free_port, loopback_server, run_cli
+from conftest import ROOT, TINY_RUN, compose_config, free_port, loopback_server, run_cli
 from mlflow.tracking import MlflowClient
 
 pytestmark = [pytest.mark.scaleout, pytest.mark.slow]
@@ -281,6 +281,31 @@ def test_a_sweep_on_a_one_node_slurm_cluster(slurm_cluster, team_server, tmp_pat
     assert all("finished: best val_auc" in log.read_text() + log.with_suffix(".err").read_text() for log in logs)
 
 
+def test_slides_spread_over_a_one_node_slurm_cluster_one_job_each(slurm_cluster, team_server, tmp_path, monkeypatch):
+    from histo_transfer.data.slides.synthetic import write_synthetic_slide
+    from histo_transfer.models.classifier import build_classifier
+
+    for key, value in slurm_cluster.items():
+        monkeypatch.setenv(key, value)
+    cfg = compose_config(TINY_RUN)
+    model, _ = build_classifier(cfg.backbone, cfg.head)  # scoring needs a model, not a good one
+    model.save(tmp_path / "tiny.keras")
+    slides = [write_synthetic_slide(tmp_path / f"{name}.tif", (512, 384), mpp=0.972, tissue=(64, 64, 384, 256),
+                                    tumour=(192, 128, 128, 96), seed=seed).path for seed, name in enumerate("ab")]
+    result = run_cli(["-m", f"model={tmp_path / 'tiny.keras'}", f"slide={slides[0]},{slides[1]}",
+                      f"output={tmp_path / 'maps'}", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null",
+                      "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2",
+                      *server_args(team_server, "slurm-slides", tmp_path)], script="predict_slide.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = team_server.runs("slurm-slides")
+    [parent] = [r for r in runs if r.data.tags.get("kind") == "slide-folder"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED" and parent.data.metrics["slides_scored"] == 2
+    assert sorted(r.data.tags["slide_path"] for r in children) == sorted(map(str, slides))
+    assert all(r.info.status == "FINISHED" and "slide/tiles_scored" in r.data.metrics for r in children)
+    assert {path.name for path in (tmp_path / "maps").iterdir()} == {"a", "b"}
+
+
 @pytest.fixture
 def ray_head():
     """A local Ray head on 127.0.0.1 (`ray start --head --block`), stopped with its process group."""
@@ -303,7 +328,8 @@ def ray_head():
 
 def test_a_sweep_on_a_local_ray_cluster(ray_head, team_server, tmp_path):
     result = run_cli(["-m", *TINY_RUN, "trainer.epochs=1", "hydra/launcher=ray", "trainer.seed=1,2",
-                      f"hydra.launcher.ray.init.address={ray_head}", *server_args(team_server, "ray-sweep", tmp_path)])
+                      f"hydra.launcher.ray.init.address={ray_head}", *server_args(team_server, "ray-sweep", tmp_path)],
+                     fresh_process=True)  # ray.init connects this process to the cluster as its driver, for good
     assert result.returncode == 0, result.stderr[-3000:]
     assert_sweep_finished(team_server, "ray-sweep", jobs=2, epochs=1)
 

@@ -80,6 +80,8 @@ def test_run_names_fit_mlflow_s_250_characters():
     name = run_name_from_overrides([*long, "paths.output_dir=/somewhere"])
     assert len(name) == 250 and name.startswith("backbone.option_0=value_0,") and name.endswith("...")
     assert "paths." not in name
+    swept = run_name_from_overrides(long, prefix="sweep ")  # a parent's name: the prefix counts too
+    assert len(swept) == 250 and swept.startswith("sweep backbone.option_0=")
 
 
 @pytest.mark.slow

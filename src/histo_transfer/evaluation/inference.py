@@ -64,11 +64,27 @@ def ensemble_probabilities(models: list, images, batch_size: int = 256, tta: str
     return each[0] if len(each) == 1 else COMBINE[method](each).astype(np.float32)
 
 
-def predict_probabilities(model, images, batch_size: int = 256, tta: str = "none", progress: bool = True) -> np.ndarray:
+def predict_probabilities(model, images, batch_size: int = 256, tta: str = "none", progress: bool = True,
+                          step=None) -> np.ndarray:
     """Probability of label 1 for every patch of `images` (array-like, e.g. the memory-mapped cache),
-    averaged over the TTA views, as float32 of shape (N,)."""
+    averaged over the TTA views, as float32 of shape (N,). `step`: a `scoring_step(model, tta)` kept
+    by a caller that scores many arrays with one model (a slide's chunks), so it is traced once."""
     import tensorflow as tf
     from tqdm import tqdm
+
+    step = step or scoring_step(model, tta)
+    out = np.empty(len(images), dtype=np.float32)
+    with tqdm(total=len(images), desc=f"predicting (tta={tta})", unit="img", disable=None if progress else True) as bar:
+        for start in range(0, len(images), batch_size):
+            batch = np.asarray(images[start:start + batch_size])
+            out[start:start + len(batch)] = step(tf.constant(batch)).numpy()
+            bar.update(len(batch))
+    return out
+
+
+def scoring_step(model, tta: str = "none"):
+    """The compiled step that maps a batch of patches to their probabilities, averaged over the TTA views."""
+    import tensorflow as tf
 
     views = TTA[tta]
 
@@ -79,13 +95,7 @@ def predict_probabilities(model, images, batch_size: int = 256, tta: str = "none
         probabilities = tf.cast(model(stacked, training=False), tf.float32)
         return tf.reduce_mean(tf.reshape(probabilities, [len(batches), -1]), axis=0)
 
-    out = np.empty(len(images), dtype=np.float32)
-    with tqdm(total=len(images), desc=f"predicting (tta={tta})", unit="img", disable=None if progress else True) as bar:
-        for start in range(0, len(images), batch_size):
-            batch = np.asarray(images[start:start + batch_size])
-            out[start:start + len(batch)] = step(tf.constant(batch)).numpy()
-            bar.update(len(batch))
-    return out
+    return step
 
 
 def submission_frame(ids, probabilities, expected_ids=None) -> pd.DataFrame:

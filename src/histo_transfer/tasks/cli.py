@@ -37,6 +37,7 @@ def run(task: str, config_dir: Path) -> None:
     # TensorFlow's C++ INFO lines (XLA and oneDNN banners) say nothing a user acts on; warnings stay
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     module = importlib.import_module(task)
+    sys.argv[1:] = path_overrides(sys.argv[1:], config_dir, getattr(module, "PATH_KEYS", ()))  # Hydra reads argv
     args, _ = _arguments().parse_known_args()
     config_name = args.config_name or module.CONFIG_NAME
     if args.help:  # Hydra's own help says "cli is powered by Hydra" and lists internal options
@@ -64,6 +65,21 @@ def job_context() -> RunContext:
     return RunContext(overrides=tuple(hydra_cfg.overrides.task),
                       parent_run_id=os.environ.get(PARENT_RUN_ENV) if in_sweep else None,
                       command=tuple(sys.argv))
+
+
+def path_overrides(arguments: list[str], config_dir: Path, path_keys: tuple[str, ...]) -> list[str]:
+    """`GROUP=VALUE` as `GROUP.path=VALUE` for each `GROUP.path` in `path_keys`, unless every
+    comma-separated VALUE is an option of conf/GROUP/: `slide=scan.svs` names a file, as users write
+    it, while `slide=default` still picks the group's option. Other arguments are kept as they are."""
+    groups = {key.removesuffix(".path"): key for key in path_keys}
+    rewritten = []
+    for argument in arguments:
+        key, equals, value = argument.partition("=")
+        if equals and key in groups and not all((config_dir / key / f"{option}.yaml").is_file()
+                                                 for option in value.split(",")):
+            argument = f"{groups[key]}={value}"
+        rewritten.append(argument)
+    return rewritten
 
 
 def _arguments() -> argparse.ArgumentParser:

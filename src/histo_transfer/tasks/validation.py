@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import histo_transfer.data  # noqa: F401 (registers the data sources)
+from histo_transfer import IMAGE_SHAPE
 from histo_transfer.config.errors import ConfigError
 from histo_transfer.config.objective import ObjectiveKeys
 from histo_transfer.config.options import between, check_keys, one_of
@@ -74,6 +75,21 @@ class EnsembleKeys:
 
     top_k: int = between(1)
     method: str = one_of(COMBINE)
+
+
+@dataclass
+class SlideKeys:
+    """conf/slide/: how a whole-slide image is read, tiled and turned into regions (predict_slide.py)."""
+
+    path: Optional[str]
+    mpp: float = between(0, low_open=True)
+    mpp_override: Optional[float] = between(0, low_open=True)
+    stride: int = between(2, IMAGE_SHAPE[0], high_open=True)  # even: tasks.predict_slide checks it
+    min_tissue: float = between(0, 1)
+    threshold: float = between(0, 1)
+    top_k: int = between(1)
+    batch_size: int = between(1)
+    workers: int = between(1)
 
 
 def validate(cfg: DictConfig, *, training: bool = False, keys: type | None = None) -> None:

@@ -41,7 +41,7 @@ class NewParent:
 
 
 class ParentRun:
-    def __init__(self, run_id: str, objective: Objective):
+    def __init__(self, run_id: str, objective: Objective | None):
         self.client = MlflowClient(mlflow.get_tracking_uri())
         self.run_id, self.objective = run_id, objective
 
@@ -65,7 +65,7 @@ class ParentRun:
             return parent
 
     @classmethod
-    def create(cls, experiment_id: str, name: str, tags: dict[str, str], objective: Objective,
+    def create(cls, experiment_id: str, name: str, tags: dict[str, str], objective: Objective | None,
                params: dict[str, str] | None = None, only_this_process: bool = True) -> "ParentRun":
         """A new parent. `only_this_process`: no other process adds children, so when this one exits the
         parent must have ended (FAILED if not); False for parents shared by a launcher's jobs."""
@@ -125,6 +125,7 @@ class ParentRun:
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
+        atexit.unregister(self.end_if_running)  # ended: nothing left for exit to do (its store may be gone by then)
 
     def end_if_running(self) -> None:
         """At exit, a parent still RUNNING lost its process half-way: KILLED when that was Ctrl-C (its

@@ -61,11 +61,12 @@ def artifact_location(uri: str) -> str | None:
 MAX_RUN_NAME = 250  # MLflow's column width (PostgreSQL and MySQL enforce it; SQLite does not)
 
 
-def run_name_from_overrides(overrides: list[str]) -> str:
-    """`backbone=resnet152v2,data.frac=0.3` for a run started with those overrides; `default` for none.
-    Where things go (tracking.*, paths.*, hydra.*) does not name a run."""
+def run_name_from_overrides(overrides: list[str], prefix: str = "") -> str:
+    """`backbone=resnet152v2,data.frac=0.3` for a run started with those overrides; `default` for none;
+    after `prefix` (e.g. "sweep "), all within MLflow's MAX_RUN_NAME. Where things go (tracking.*,
+    paths.*, hydra.*) does not name a run."""
     chosen = [o for o in overrides if not o.lstrip("+~").startswith(("tracking.", "paths.", "hydra"))]
-    name = redact_uri(",".join(chosen)) or "default"
+    name = prefix + (redact_uri(",".join(chosen)) or "default")
     return name if len(name) <= MAX_RUN_NAME else name[:MAX_RUN_NAME - 3] + "..."
 
 

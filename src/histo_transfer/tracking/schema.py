@@ -23,6 +23,8 @@ class RunKind(str, Enum):
     EXPLAIN = "explain"
     EXPORT = "export"  # a model reference exported as one model
     EDA = "eda"
+    SLIDE = "slide"  # one whole-slide image scored by predict_slide.py
+    SLIDE_FOLDER = "slide-folder"  # the parent of the slides of one folder or glob
 
     def __str__(self) -> str:
         return self.value
@@ -49,6 +51,8 @@ SOURCE_RUN_TAG = "source_run_id"
 BEST_CHILD_TAG = "best_child_run_id"
 BEST_IN_SWEEP_TAG = "best_in_sweep"
 REGISTERED_MODEL_TAG = "registered_model"
+SLIDE_PATH_TAG = "slide_path"
+SLIDE_SOURCE_TAG = "slides"  # a slide folder's DIR or glob, as given
 
 # Params every training run logs (its flattened config) that readers look up by name
 OBJECTIVE_METRIC_PARAM = "objective.metric"
@@ -74,6 +78,14 @@ UNLISTED_FILES_ARTIFACT = "data/unlisted_files.txt"
 SUBMISSION_DIR = "submission"
 EXPLAIN_DIR = "explain"
 EDA_DIR = "eda"
+SLIDE_DIR = "slide"  # a slide run's outputs, the same files as in its output= folder
+SLIDE_PROBABILITY_PNG = "probability_map.png"
+SLIDE_PROBABILITY_NPY = "probability_map.npy"
+SLIDE_OVERLAY_PNG = "overlay.png"
+SLIDE_TILES_CSV = "tiles.csv"
+SLIDE_REGIONS_GEOJSON = "tumour_regions.geojson"
+SLIDE_UNREADABLE_CSV = "unreadable_regions.csv"  # only when some were
+SLIDE_SUMMARY_ARTIFACT = f"{SUMMARY_DIR}/slides.csv"  # a slide folder's table, most suspicious first
 
 
 def kind_filter(kind: RunKind) -> str:

@@ -241,8 +241,8 @@ def _new_parent(whole: DictConfig, cfg: DictConfig, experiment_id: str, context:
             GIT_COMMIT_TAG: tracking.git_commit(Path(cfg.paths.root_dir))}
     if context.parent_run_id:
         tags[PARENT_TAG] = context.parent_run_id
-    name = "cv " + (cfg.tracking.run_name or tracking.run_name_from_overrides(
-        [o for o in context.overrides if not o.startswith(("cv.fold", "trainer.resume"))]))
+    name = f"cv {cfg.tracking.run_name}" if cfg.tracking.run_name else tracking.run_name_from_overrides(
+        [o for o in context.overrides if not o.startswith(("cv.fold", "trainer.resume"))], prefix="cv ")
     return NewParent(experiment_id, name, tags, tracking.flat_params(whole))
 
 

@@ -46,7 +46,7 @@ def predict(cfg: DictConfig, context=None) -> Path:
         raise ConfigError("data.root", f"{root} has no test patches to predict (test/ folder, or PCam's test split)")
     patches.usable("error")  # every test patch must be scored
     expected = _sample_submission_ids(root)
-    tags = {KIND_TAG: RunKind.PREDICT.value, "tta": cfg.tta, DATA_ROOT_TAG: str(root), **_model_tags(cfg, members)}
+    tags = {KIND_TAG: RunKind.PREDICT.value, "tta": cfg.tta, DATA_ROOT_TAG: str(root), **model_tags(cfg, members)}
     with tracking.tracked_run(experiment_id, f"predict {cfg.data.name} tta={cfg.tta}", tags,
                               system_metrics=cfg.tracking.system_metrics):
         tracking.log_dataset(patches.ids, patches.labels, root, f"{cfg.data.name}-test",
@@ -88,7 +88,7 @@ def evaluate(cfg: DictConfig, context=None) -> dict[str, float]:
     images = Rows(patches.images, indices)
     labels = patches.labels[indices]
     tags = {KIND_TAG: RunKind.EVALUATE.value, "tta": cfg.tta, "eval_split": split, DATA_ROOT_TAG: str(root),
-            **_model_tags(cfg, members)}
+            **model_tags(cfg, members)}
     with tracking.tracked_run(experiment_id, f"evaluate {cfg.data.name}:{split} tta={cfg.tta}", tags,
                               system_metrics=cfg.tracking.system_metrics), tempfile.TemporaryDirectory() as tmp:
         tracking.log_dataset(patches.ids[indices], labels, root, f"{cfg.data.name}-{split}",
@@ -147,14 +147,14 @@ def explain(cfg: DictConfig, context=None) -> Path:
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=100)
     plt.close(fig)
-    tags = {KIND_TAG: RunKind.EXPLAIN.value, DATA_ROOT_TAG: str(source.root()), **_model_tags(cfg, members)}
+    tags = {KIND_TAG: RunKind.EXPLAIN.value, DATA_ROOT_TAG: str(source.root()), **model_tags(cfg, members)}
     with tracking.tracked_run(experiment_id, f"explain {len(wanted)} patches", tags):
         mlflow.log_artifact(str(output), EXPLAIN_DIR)
     print(f"wrote {output}: Grad-CAM of {len(wanted)} patches")
     return output
 
 
-def _model_tags(cfg: DictConfig, members) -> dict[str, str]:
+def model_tags(cfg: DictConfig, members) -> dict[str, str]:
     """What was scored: the reference as given and, for an ensemble, its members' training runs."""
     tags = {MODEL_REF_TAG: str(cfg.model), "n_members": str(len(members))}
     if len(members) == 1 and members[0].source_run_id:

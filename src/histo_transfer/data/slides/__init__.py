@@ -12,6 +12,8 @@ window's probability belongs to its centre cell. The flow, one concept per modul
 - `batches`: `read_tiles`, batches of windows read by worker threads with bounded memory; regions
   that cannot be read are skipped and reported.
 - `regions`: tumour polygons in level-0 pixels as QuPath GeoJSON, and areas in mm^2.
+- `synthetic`: pyramidal TIFF slides with a known tumour, to try the flow (and benchmark it) with
+  no scanner's file at hand.
 
 Nothing here knows about models or tracking; user mistakes are one-line `DataError`s naming the slide.
 """

@@ -69,7 +69,7 @@ def tile_tissue_share(mask: np.ndarray, dimensions: tuple[int, int], rects: np.n
     return tissue / area
 
 
-def tissue_tiles(grid: TileGrid, mask: np.ndarray, min_tissue: float = MIN_TISSUE, slide: Path | str = "slide") -> Tiles:
+def tissue_tiles(grid: TileGrid, mask: np.ndarray, min_tissue: float = MIN_TISSUE, slide: Path | str = "the slide") -> Tiles:
     """The tiles of `grid` whose window is at least `min_tissue` tissue; a DataError naming `slide`
     when there are none."""
     if not 0 <= min_tissue <= 1:
