@@ -71,7 +71,8 @@ def run_cli(args: list[str], script: str = "train.py", fresh_process: bool = Fal
     A fresh process where the process itself is under test: its console (C++ lines go to its file
     descriptors), signals, kill -9, its environment."""
     if fresh_process:
-        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        # the process gets what a user's shell has: no store of this one, TensorFlow's log level its own
+        env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "TF_CPP_MIN_LOG_LEVEL")}
         return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=timeout)
     return _run_in_this_process(args, script)

@@ -34,8 +34,6 @@ PARENT_RUN_ENV = "HISTO_TRANSFER_PARENT_RUN_ID"  # a sweep's parent run, set by 
 def run(task: str, config_dir: Path) -> None:
     """Run the task module `task` (e.g. "histo_transfer.tasks.train") under Hydra, after checking every
     config the command line asks for."""
-    # TensorFlow's C++ INFO lines (XLA and oneDNN banners) say nothing a user acts on; warnings stay
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     module = importlib.import_module(task)
     sys.argv[1:] = path_overrides(sys.argv[1:], config_dir, getattr(module, "PATH_KEYS", ()))  # Hydra reads argv
     args, _ = _arguments().parse_known_args()
@@ -43,8 +41,7 @@ def run(task: str, config_dir: Path) -> None:
     if args.help:  # Hydra's own help says "cli is powered by Hydra" and lists internal options
         from histo_transfer.tasks.help import help_text
 
-        what = " ".join((module.__doc__ or "").strip().split("\n\n")[0].split()).split(": ", 1)[-1]
-        print(help_text(Path(sys.argv[0]).name, what, config_dir, config_name, args.overrides))
+        print(help_text(Path(sys.argv[0]).name, module.__doc__ or "", config_dir, config_name, args.overrides))
         return
     if not (args.help or args.hydra_help or args.version or args.info or args.cfg or args.shell_completion):
         _guard(lambda: precheck(config_dir, config_name, args.overrides, module.validate))

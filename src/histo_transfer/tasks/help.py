@@ -11,8 +11,10 @@ from omegaconf import OmegaConf
 HYDRA_LAUNCHER = "hydra/launcher"  # the one Hydra group users choose (conf/hydra/launcher/ + Hydra's basic)
 
 
-def help_text(program: str, what: str, config_dir: Path, config_name: str, overrides: list[str]) -> str:
-    """The help screen of `program` (e.g. train.py), whose task module says `what` it does."""
+def help_text(program: str, task_doc: str, config_dir: Path, config_name: str, overrides: list[str]) -> str:
+    """The help screen of `program` (e.g. train.py); what it does is the first paragraph of its task
+    module's docstring (`task_doc`), less the "train.py: " it starts with."""
+    what = " ".join(task_doc.strip().split("\n\n")[0].split()).split(": ", 1)[-1]
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     choices = cfg.hydra.runtime.choices
