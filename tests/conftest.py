@@ -3,10 +3,14 @@ and one tiny model trained once through the real entrypoint for every test that 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +27,34 @@ PCAM_FOLDERS = SHARED / "data" / "pcam_folders"
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 
 # Small enough to train in seconds on 2 cores; overrides shared by every quick run.
-TINY_MODEL = ["backbone=tiny_cnn", "backbone.width=8",
-              "trainer.epochs=2", "trainer.batch_size=16", "trainer.early_stopping_patience=0"]
+TINY_MODEL = ["backbone=tiny_cnn", "backbone.width=8", "trainer.epochs=2", "trainer.batch_size=16",
+              "trainer.early_stopping_patience=0", "trainer.bn_recalibration_batches=2"]
 TINY_RUN = [*TINY_MODEL, "data.n_train=160", "data.n_test=8"]
 
 
 def store_overrides(tmp: Path) -> list[str]:
-    """Point data cache, MLflow store and run outputs (Hydra folders, checkpoints) into `tmp`."""
+    """Point data cache, MLflow store and run outputs (Hydra folders, checkpoints) into `tmp`.
+
+    The store starts as a copy of an empty one that MLflow created and migrated once per session: its
+    schema migrations take seconds for each new SQLite file, and the suite makes a hundred of them
+    (stores created from nothing remain, in the tests that do not come through here)."""
+    database = tmp / "mlruns" / "mlflow.db"
+    if not database.exists():
+        database.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_empty_store(), database)
     return [f"paths.cache_dir={tmp / 'cache'}", f"tracking.uri=sqlite:///{tmp / 'mlruns' / 'mlflow.db'}",
             f"paths.output_dir={tmp}"]
+
+
+@functools.cache
+def _empty_store() -> Path:
+    """An SQLite store as MLflow leaves it after its first start (tables made, migrations run)."""
+    from mlflow.tracking import MlflowClient
+
+    folder = Path(tempfile.mkdtemp(prefix="empty-store-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+    return folder / "mlflow.db"
 
 
 def _checkout_state() -> set[str]:

@@ -12,6 +12,7 @@ from histo_transfer.evaluation.report import (
     bootstrap_auc_ci,
     calibration,
     paired_auc_difference,
+    resampled_aucs,
     summary_text,
     threshold_metrics,
     write_report,
@@ -41,6 +42,18 @@ def test_bootstrap_interval_brackets_the_auc():
     probs = np.clip(labels * 0.3 + rng.normal(0.35, 0.2, 400), 0, 1)
     low, high = bootstrap_auc_ci(labels, probs)
     assert low < roc_auc_score(labels, probs) < high and high - low < 0.15
+
+
+def test_resampled_aucs_are_roc_auc_score_on_each_resample_ties_included():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 30)
+    scores = np.round(rng.random(30) + 0.3 * labels, 1)  # many tied scores, across labels too
+    picks = np.random.default_rng(5).integers(0, 30, (200, 30))
+    expected = [roc_auc_score(labels[p], scores[p]) for p in picks if 0 < labels[p].sum() < 30]
+    (aucs,) = resampled_aucs(labels, [scores], seed=5, samples=200, chunk=64)
+    assert len(aucs) == len(expected) and np.allclose(aucs, expected, atol=1e-12)
+    few = resampled_aucs(np.array([0, 1, 1]), [np.array([0.2, 0.1, 0.9])], seed=0, samples=50)[0]
+    assert 0 < len(few) < 50 and set(np.round(few, 6)) <= {0.0, 0.5, 1.0}  # one-class draws are skipped
 
 
 def test_paired_difference_is_tighter_than_two_separate_intervals():

@@ -11,6 +11,7 @@ import pytest
 from conftest import CONF_DIR, TINY_RUN, compose_config, run_cli, store_overrides
 from mlflow.tracking import MlflowClient
 
+from histo_transfer.config.errors import ConfigError
 from histo_transfer.config.objective import Objective
 from histo_transfer.tasks.train import main as train
 from histo_transfer.tracking.parent_runs import ParentRun
@@ -32,11 +33,19 @@ def summary(client, parent):
     return pd.read_csv(path)
 
 
-@pytest.mark.slow
-def test_grid_sweep_is_one_parent_with_nested_jobs_and_a_summary(tmp_path):
-    result = run_cli(["-m", *TINY_SWEEP, *store_overrides(tmp_path), "tracking.register_best=sweep-best",
+@pytest.fixture(scope="module")
+def grid_sweep(tmp_path_factory):
+    """A 2x2 grid sweep of the tiny model, one epoch a job, through `python train.py -m`."""
+    tmp = tmp_path_factory.mktemp("grid")
+    result = run_cli(["-m", *TINY_SWEEP, *store_overrides(tmp), "tracking.register_best=sweep-best",
                       "optimizer.lr=0.001,0.01", "augmentation=none,basic"])
     assert result.returncode == 0, result.stderr[-3000:]
+    return tmp
+
+
+@pytest.mark.slow
+def test_grid_sweep_is_one_parent_with_nested_jobs_and_a_summary(grid_sweep):
+    tmp_path = grid_sweep
     client, parent, children = sweep_runs(tmp_path)
     assert parent.info.status == "FINISHED" and len(children) == 4
     assert {c.info.status for c in children} == {"FINISHED"}
@@ -57,6 +66,20 @@ def test_grid_sweep_is_one_parent_with_nested_jobs_and_a_summary(tmp_path):
     assert f"run `{best.info.run_id}`" in note and note.count("| FINISHED |") == 4
     champion = client.get_model_version_by_alias("sweep-best", "champion")  # tracking.register_best
     assert champion.run_id == best.info.run_id
+
+
+@pytest.mark.slow
+def test_a_sweep_parent_stands_for_its_best_jobs(grid_sweep):
+    from histo_transfer.tracking.registry import member_refs
+    from histo_transfer.workflows.comparison import cv_runs_of
+
+    client, parent, children = sweep_runs(grid_sweep)
+    mlflow.set_tracking_uri(client.tracking_uri)
+    auc = {job.info.run_id: job.data.metrics["best_val_auc"] for job in children}
+    best = member_refs(parent.info.run_id, top_k=2)
+    assert len(set(best)) == 2 and [auc[ref] for ref in best] == sorted(auc.values(), reverse=True)[:2]  # ties allowed
+    with pytest.raises(ConfigError, match=f"sweep {parent.info.run_id} has no finished cross-validation"):
+        cv_runs_of(parent.info.run_id)  # compare_cv needs out-of-fold predictions; these jobs have none
 
 
 @pytest.mark.slow
@@ -135,13 +158,13 @@ def test_epochs_zero_compares_backbones(tmp_path):
 
 @pytest.mark.slow
 def test_optuna_search_over_the_learning_rate(tmp_path):
-    result = run_cli([*TINY_SWEEP, *store_overrides(tmp_path), "hparams_search=lr_optuna", "hydra.sweeper.n_trials=3"])
+    result = run_cli([*TINY_SWEEP, *store_overrides(tmp_path), "hparams_search=lr_optuna", "hydra.sweeper.n_trials=2"])
     assert result.returncode == 0, result.stderr[-3000:]
     client, parent, children = sweep_runs(tmp_path)
-    assert parent.info.status == "FINISHED" and len(children) == 3
+    assert parent.info.status == "FINISHED" and len(children) == 2
     assert "optimizer.lr=tag(log, interval(0.00001, 0.1))" in parent.data.tags["sweep_search_space"]
     rates = [float(c.data.params["optimizer.lr"]) for c in children]
-    assert all(1e-5 <= r <= 0.1 for r in rates) and len(set(rates)) == 3
+    assert all(1e-5 <= r <= 0.1 for r in rates) and len(set(rates)) == 2
     best = max(children, key=lambda c: c.data.metrics["best_val_auc"])
     assert math.isclose(float(parent.data.tags["best.optimizer.lr"]), float(best.data.params["optimizer.lr"]))
     assert parent.data.metrics["best_val_auc"] == pytest.approx(best.data.metrics["best_val_auc"])

@@ -19,6 +19,7 @@ from typing import Callable, List
 import numpy as np
 
 from histo_transfer.config.options import Options, between
+from histo_transfer.data.images import patch_grid
 
 # TensorFlow is imported inside the functions: config validation reads this registry first.
 Augment = Callable  # (images, stateless seed pair) -> images, as TensorFlow ops
@@ -341,12 +342,13 @@ def plot_examples(augment: Augment | None, images: np.ndarray, path, name: str, 
 
     rows = [images] + [np.clip(augment(tf.constant(images), tf.constant([draw, 0], tf.int64)).numpy(), 0, 255)
                        .astype(np.uint8) for draw in range(1, draws + 1)] if augment is not None else [images]
-    fig, axes = plt.subplots(len(rows), len(images), figsize=(1.6 * len(images), 1.7 * len(rows)), squeeze=False)
-    for row, batch in enumerate(rows):
-        for column, image in enumerate(batch):
-            axes[row, column].imshow(image)
-            axes[row, column].axis("off")
-        axes[row, 0].set_title("stored" if row == 0 else f"draw {row}", fontsize=8, loc="left")
+    fig, ax = plt.subplots(figsize=(1.6 * len(images), 1.7 * len(rows)))
+    ax.imshow(patch_grid([list(batch) for batch in rows]))
+    ax.set_yticks([(images.shape[1] + 4) * row + images.shape[1] / 2 for row in range(len(rows))],
+                  ["stored"] + [f"draw {row}" for row in range(1, len(rows))], fontsize=8)
+    ax.set_xticks([])
+    for side in ax.spines.values():
+        side.set_visible(False)
     fig.suptitle(f"augmentation={name}: training patches as stored and as the model sees them")
     fig.tight_layout()
     fig.savefig(path, dpi=80)

@@ -174,10 +174,11 @@ class ImageFiles(PatchSource):
         target = folder / IMAGES_FILE
         np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(len(self), *IMAGE_SHAPE)).flush()
         chunks = [(target, start, self.paths[start:start + CHUNK]) for start in range(0, len(self), CHUNK)]
-        workers = workers or os.cpu_count() or 1
+        # a pool's processes each import numpy and the readers (~1.5 s): worth it from two chunks on
+        workers = min(workers or os.cpu_count() or 1, len(chunks))
         bad: dict[int, str] = {}
         with contextlib.ExitStack() as stack:
-            if workers == 1 or not _may_start_processes():
+            if workers <= 1 or not _may_start_processes():
                 results = map(_decode_chunk, chunks)
             else:  # spawn, not fork: the parent may run TensorFlow threads, which fork copies mid-flight
                 pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers))

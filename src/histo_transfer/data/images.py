@@ -33,3 +33,16 @@ def read_patches(paths: list[Path], workers: int | None = None) -> np.ndarray:
         for index, array in enumerate(pool.map(read_patch, paths)):
             out[index] = array
     return out
+
+
+def patch_grid(rows: list[list[np.ndarray]], gap: int = 4) -> np.ndarray:
+    """Rows of equally sized RGB patches as one uint8 image on white, `gap` pixels apart (empty slots
+    stay white). One image drawn once: a figure with an axes per patch takes seconds to lay out."""
+    height, width = next(patch for row in rows for patch in row).shape[:2]
+    columns = max(len(row) for row in rows)
+    grid = np.full((len(rows) * (height + gap) - gap, columns * (width + gap) - gap, 3), 255, np.uint8)
+    for r, row in enumerate(rows):
+        for c, patch in enumerate(row):
+            top, left = r * (height + gap), c * (width + gap)
+            grid[top:top + height, left:left + width] = np.clip(patch, 0, 255).astype(np.uint8)[..., :3]
+    return grid

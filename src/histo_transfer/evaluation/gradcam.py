@@ -52,6 +52,19 @@ def centre_fraction(heat: np.ndarray) -> float:
     return float(np.mean(np.divide(inside, total, out=np.full_like(inside, CENTRE**2 / heat[0].size), where=total > 0)))
 
 
+def overlaid(image: np.ndarray, heat: np.ndarray | None, opacity: float = 0.35) -> np.ndarray:
+    """The patch as uint8 RGB with its heat map blended over it (jet colours) and the centre 32x32
+    region outlined in white: what `overlay` draws, as pixels for a grid of patches."""
+    from matplotlib import colormaps
+
+    out = np.asarray(image, dtype=np.float32)[..., :3].copy()
+    if heat is not None:
+        out = (1 - opacity) * out + opacity * 255 * colormaps["jet"](np.clip(heat, 0, 1))[..., :3]
+    low, high = (out.shape[0] - CENTRE) // 2, (out.shape[0] + CENTRE) // 2 - 1
+    out[low:high + 1, [low, high]] = out[[low, high], low:high + 1] = 255
+    return out.astype(np.uint8)
+
+
 def overlay(ax, image: np.ndarray, heat: np.ndarray | None) -> None:
     """A patch with its heat map over it, and the centre 32x32 region outlined."""
     import matplotlib.patches as patches
