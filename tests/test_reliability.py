@@ -3,23 +3,40 @@ server, and no credentials in what runs record."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import ROOT, TINY_RUN, free_port, loopback_server, run_cli, store_overrides
+from conftest import (
+    ROOT,
+    TINY_RUN,
+    compose_config,
+    free_port,
+    loopback_server,
+    run_cli,
+    store_overrides,
+    write_kaggle_layout,
+)
 from mlflow.tracking import MlflowClient
+
+from histo_transfer.training.checkpoints import Checkpoints
 
 EPOCH_METRICS = ["loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc", "lr"]
 # epochs long enough (a few seconds) to be interrupted in the middle
 SLOW_RUN = [o for o in TINY_RUN if not o.startswith(("data.n_train", "trainer.epochs"))] + [
     "data.n_train=1600", "trainer.epochs=3"]
+# epochs of a second or two: a test that acts as soon as an epoch's state appears acts within the next
+SHORT_EPOCHS = [o for o in SLOW_RUN if not o.startswith("data.n_train")] + ["data.n_train=800"]
 
 
 def start_training(args, tmp_path):
@@ -102,6 +119,109 @@ def test_ctrl_c_ends_the_run_killed_with_a_resume_hint(tmp_path):
     assert "python train.py" in last and "Traceback" not in stderr
     assert only_run(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}").info.status == "KILLED"
     assert list((tmp_path / "ckpt").glob("*/epoch_*/state.keras"))  # resumable
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_run_killed_and_resume_passes_over_a_damaged_checkpoint(tmp_path):
+    """SIGTERM (what SLURM and Kubernetes send before killing a job) is handled as Ctrl-C is; the
+    state a crash cut short is found by its checksum, and resuming continues from the epoch before."""
+    args = [*SHORT_EPOCHS, *store_overrides(tmp_path), f"trainer.checkpoint_dir={tmp_path / 'ckpt'}"]  # 3 epochs
+    process = start_training(args, tmp_path)
+    wait_for_epoch(tmp_path / "ckpt", 2, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("terminated: the run ended KILLED") and last.endswith("trainer.resume=true")
+    assert "Traceback" not in stderr
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    killed = only_run(uri)
+    assert killed.info.status == "KILLED" and killed.data.tags["error"] == "interrupted (SIGTERM)"
+    states = sorted((tmp_path / "ckpt").glob("*/epoch_*"))
+    assert len(states) == 2  # the last epoch's state and the one before
+    damaged = states[-1] / "state.keras"
+    damaged.write_bytes(damaged.read_bytes()[:damaged.stat().st_size // 2])  # what a crash mid-write leaves
+
+    result = run_cli([*args, "trainer.resume=true"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = result.stdout + result.stderr
+    assert f"checkpoint {states[-1]} is damaged (state.keras does not match its checksum): falling back" in said
+    resumed = only_run(uri)
+    assert resumed.info.run_id == killed.info.run_id and resumed.info.status == "FINISHED"
+    steps = [m.step for m in MlflowClient(uri).get_metric_history(resumed.info.run_id, "val_auc")]
+    assert sorted(set(steps)) == [1, 2, 3]
+
+
+@contextlib.contextmanager
+def small_disk(folder, size: str):
+    """A file system of `size` (tmpfs) mounted at `folder` for the test: a disk that can fill up."""
+    folder.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"mounting a small tmpfs needs root (CI runs as root): {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def fill(disk) -> Path:
+    """Write a file until the disk is full; returns it (delete it to give the space back)."""
+    filler = disk / "filler"
+    with open(filler, "wb") as stream:
+        with contextlib.suppress(OSError):
+            while True:
+                stream.write(b"\0" * (1 << 16))
+                stream.flush()
+    return filler
+
+
+def test_a_full_disk_while_packing_the_cache_keeps_nothing_half_written(tmp_path):
+    from histo_transfer.config.errors import DiskFull
+    from histo_transfer.data.loading import load_training_data
+
+    write_kaggle_layout(tmp_path / "kaggle", [0, 1] * 150)  # 300 patches, 8.3 MB packed
+    with small_disk(tmp_path / "disk", "2m") as disk:
+        cfg = compose_config(["data=kaggle", f"data.root={tmp_path / 'kaggle'}", *store_overrides(tmp_path),
+                              f"paths.cache_dir={disk}", "data.workers=1"])
+        with pytest.raises(DiskFull, match="no space left on the device for the packed cache of 300 patches"):
+            load_training_data(cfg.data)
+        left = [p.name for p in disk.rglob("*") if p.is_file()]
+        assert all(name.endswith(".lock") for name in left), left  # no partial cache, no staging folder
+        assert shutil.disk_usage(disk).used < 64 * 1024
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_checkpointing_fails_the_run_and_resume_continues_once_space_is_back(tmp_path):
+    with small_disk(tmp_path / "disk", "32m") as disk:
+        args = [*SHORT_EPOCHS, *store_overrides(tmp_path), f"trainer.checkpoint_dir={disk / 'ckpt'}"]
+        process = start_training(args, tmp_path)
+        wait_for_epoch(disk / "ckpt", 1, process)
+        filler = fill(disk)  # in milliseconds, an epoch takes seconds: the next state meets a full disk
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 1, stderr[-3000:]
+        last = stderr.strip().splitlines()[-1]
+        failed = re.fullmatch(r"error: (\S+/epoch_000(\d)): no space left on the device for the state of epoch \2; "
+                              r"the state of epoch (\d) is kept\. Once there is space, resume with: python train\.py .*"
+                              r"trainer\.resume=true", last)
+        assert failed, last
+        assert "Traceback" not in stderr
+        uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+        run = only_run(uri)
+        assert run.info.status == "FAILED" and "no space left" in run.data.tags["error"]
+        kept = int(failed.group(3))
+        states = sorted(p.name for p in (disk / "ckpt").glob("*/*"))
+        assert states[-1] == f"epoch_{kept:04d}" and not any(".partial" in name for name in states)
+        assert Checkpoints(disk / "ckpt", Path(failed.group(1)).parent.name).latest().progress.epoch == kept
+
+        filler.unlink()  # space is back
+        result = run_cli([*args, "trainer.resume=true"])
+        assert result.returncode == 0, result.stderr[-3000:]
+        resumed = only_run(uri)
+        assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
+        steps = [m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, "val_auc")]
+        assert sorted(set(steps)) == [1, 2, 3]
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from histo_transfer import IMAGE_SHAPE
-from histo_transfer.config.errors import DataError
+from histo_transfer.config.errors import DataError, DiskFull
 from histo_transfer.data.images import read_patch
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,16 @@ def build_lock(folder: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def allocated_memmap(path: Path, shape: tuple[int, ...]) -> np.memmap:
+    """A new uint8 .npy array mapped into memory, its disk blocks reserved first. Without the
+    reservation the file is sparse, and a disk that fills while it is written kills the process
+    (SIGBUS on the mapped page) instead of raising "no space left"."""
+    images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    with open(path, "r+b") as stream:
+        os.posix_fallocate(stream.fileno(), 0, images.offset + images.nbytes)
+    return images
+
+
 def _build(folder: Path, source: "PatchSource", workers: int | None) -> PackedPatches:
     _remove_abandoned_builds(folder)
     staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
@@ -126,6 +136,12 @@ def _build(folder: Path, source: "PatchSource", workers: int | None) -> PackedPa
         if folder.exists() and not (folder / META_FILE).exists():
             shutil.rmtree(folder)  # not ours to trust: a cache is complete only with its meta file
         staging.rename(folder)
+    except OSError as exc:
+        if DiskFull.caused(exc):
+            raise DiskFull(f"{folder.parent}: no space left on the device for the packed cache of {len(source):,} "
+                           f"patches ({len(source) * int(np.prod(IMAGE_SHAPE)) / 1e9:.2f} GB); nothing was kept. Free space "
+                           "or point paths.cache_dir elsewhere, and run again") from None
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     seconds = time.perf_counter() - started
@@ -172,7 +188,7 @@ class ImageFiles(PatchSource):
 
     def write(self, folder: Path, workers: int | None) -> dict[int, str]:
         target = folder / IMAGES_FILE
-        np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(len(self), *IMAGE_SHAPE)).flush()
+        allocated_memmap(target, (len(self), *IMAGE_SHAPE)).flush()
         chunks = [(target, start, self.paths[start:start + CHUNK]) for start in range(0, len(self), CHUNK)]
         # a pool's processes each import numpy and the readers (~1.5 s): worth it from two chunks on
         workers = min(workers or os.cpu_count() or 1, len(chunks))

@@ -16,7 +16,15 @@ import numpy as np
 
 from histo_transfer import IMAGE_SHAPE
 from histo_transfer.config.errors import ConfigError, DataError
-from histo_transfer.data.cache import IMAGES_FILE, PackedPatches, PatchSource, cache_folder, packed, progress
+from histo_transfer.data.cache import (
+    IMAGES_FILE,
+    PackedPatches,
+    PatchSource,
+    allocated_memmap,
+    cache_folder,
+    packed,
+    progress,
+)
 from histo_transfer.data.kaggle import files_fingerprint
 from histo_transfer.data.sources import SOURCES, DataKeys, DataSource, Labelled, require_root
 from histo_transfer.data.split import subsample
@@ -65,8 +73,7 @@ class H5Splits(PatchSource):
         self.ids = np.array([f"{g}_{i}" for g, n in zip(self.splits, map(len, labels)) for i in range(n)])
 
     def write(self, folder: Path, workers: int | None) -> dict[int, str]:
-        images = np.lib.format.open_memmap(folder / IMAGES_FILE, mode="w+", dtype=np.uint8,
-                                           shape=(len(self), *IMAGE_SHAPE))
+        images = allocated_memmap(folder / IMAGES_FILE, (len(self), *IMAGE_SHAPE))
         start = 0
         with progress(len(self), "copying PCam patches") as bar:
             for split in self.splits:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -25,7 +27,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from histo_transfer.config.context import RunContext
-from histo_transfer.config.errors import UserError
+from histo_transfer.config.errors import Terminated, UserError
 from histo_transfer.tasks.console import import_tensorflow_quietly
 
 PARENT_RUN_ENV = "HISTO_TRANSFER_PARENT_RUN_ID"  # a sweep's parent run, set by tasks.sweep for its jobs
@@ -52,7 +54,17 @@ def run(task: str, config_dir: Path) -> None:
             import_tensorflow_quietly()
         return _guard(lambda: module.main(cfg, job_context()))
 
-    main()
+    # SIGTERM's default ends the process where it stands, a run left RUNNING; as an exception, runs end KILLED
+    before = signal.signal(signal.SIGTERM, Terminated.raise_on_sigterm) if _main_thread() else None
+    try:
+        main()
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 def job_context() -> RunContext:
@@ -135,6 +147,9 @@ def _guard(action):
     except UserError as exc:
         print(f"{exc.label}: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except Terminated:  # outside a training run's epochs (those turn it into TrainingInterrupted)
+        print("terminated: stopped by SIGTERM", file=sys.stderr)
+        sys.exit(Terminated.exit_code)
 
 
 def _missing_option(exc: MissingConfigException) -> str:

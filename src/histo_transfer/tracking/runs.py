@@ -16,7 +16,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
-from histo_transfer.config.errors import ConfigError, TrainingInterrupted, UserError
+from histo_transfer.config.errors import ConfigError, Terminated, TrainingInterrupted, UserError
 from histo_transfer.tracking.outbox import QUEUE, Outbox, Unsent, store_answers
 from histo_transfer.tracking.redaction import redact_uri
 from histo_transfer.tracking.schema import ERROR_ARTIFACT, EXPERIMENT_KIND_TAG
@@ -114,8 +114,9 @@ def tracked_run(experiment_id: str, run_name: str | None, tags: dict[str, str], 
     log.info("MLflow run %s (%s) in %s", run.info.run_id, run.info.run_name, redact_uri(mlflow.get_tracking_uri()))
     try:
         yield run
-    except (KeyboardInterrupt, TrainingInterrupted):  # the latter: a nested run was interrupted
-        mlflow.set_tag("error", "interrupted (KeyboardInterrupt)")
+    except (KeyboardInterrupt, TrainingInterrupted) as exc:  # the latter: a nested run was interrupted
+        terminated = isinstance(exc, Terminated) or getattr(exc, "exit_code", None) == Terminated.exit_code
+        mlflow.set_tag("error", "interrupted (SIGTERM)" if terminated else "interrupted (KeyboardInterrupt)")
         mlflow.end_run("KILLED")
         raise
     except Unsent:  # its status goes to the server with the rest (scripts/sync_run.py)

@@ -1,5 +1,7 @@
 """Resumable training state: after every epoch, the model with its optimizer, the best epoch's
-weights and the run's progress, written as one folder that appears whole or not at all.
+weights and the run's progress, written as one folder that appears whole or not at all, with a
+checksum of each file. The last two epochs are kept: a state that a crash, a full disk or a bad
+sector left damaged is found by its checksums, and resuming falls back to the one before.
 
 A run is identified by its config's key (config.identity.run_key), so the same command with
 trainer.resume=true finds the state that an interrupted run left.
@@ -7,6 +9,7 @@ trainer.resume=true finds the state that an interrupted run left.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -16,9 +19,13 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from histo_transfer.config.errors import DiskFull
+
 log = logging.getLogger(__name__)
 
 MODEL_FILE, BEST_FILE, PROGRESS_FILE = "state.keras", "best_weights.npz", "progress.json"
+CHECKSUMS_FILE = "checksums.json"  # sha256 of every other file of the folder
+KEPT = 2  # epochs of state kept: the last, and the one to fall back to
 
 
 @dataclass
@@ -56,29 +63,69 @@ class Checkpoints:
         self.folder = Path(checkpoint_dir).expanduser().resolve() / key
 
     def latest(self) -> ResumeState | None:
-        """The state of the last complete epoch, if any."""
-        complete = sorted(p for p in self.folder.glob("epoch_*") if (p / PROGRESS_FILE).exists())
-        if not complete:
-            return None
-        return ResumeState(Progress(**json.loads((complete[-1] / PROGRESS_FILE).read_text())), complete[-1])
+        """The state of the last complete epoch whose files are intact, if any; a damaged one is
+        reported (a warning naming it and what is wrong) and passed over."""
+        complete = sorted((p for p in self.folder.glob("epoch_*") if (p / PROGRESS_FILE).exists()), reverse=True)
+        for folder in complete:
+            damage = _damage(folder)
+            if damage is None:
+                return ResumeState(Progress(**json.loads((folder / PROGRESS_FILE).read_text())), folder)
+            log.warning("checkpoint %s is damaged (%s): %s", folder, damage,
+                        "falling back to the epoch before" if folder != complete[-1] else "no earlier state is left")
+        return None
 
     def save(self, model: keras.Model, best_weights: list | None, progress: Progress) -> None:
         final = self.folder / f"epoch_{progress.epoch:04d}"
         staging = self.folder / f".epoch_{progress.epoch:04d}.partial"
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        model.save(staging / MODEL_FILE)  # weights and optimizer state
-        if best_weights is not None:
-            np.savez(staging / BEST_FILE, *best_weights)
-        (staging / PROGRESS_FILE).write_text(json.dumps(progress.__dict__))  # last: marks completeness
+        try:
+            staging.mkdir(parents=True)
+            model.save(staging / MODEL_FILE)  # weights and optimizer state
+            if best_weights is not None:
+                np.savez(staging / BEST_FILE, *best_weights)
+            (staging / PROGRESS_FILE).write_text(json.dumps(progress.__dict__))
+            sums = {path.name: _sha256(path) for path in sorted(staging.iterdir())}
+            (staging / CHECKSUMS_FILE).write_text(json.dumps(sums, indent=1))
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)  # frees what it took; the earlier states stay whole
+            if DiskFull.caused(exc):
+                raise DiskFull(f"{final}: no space left on the device for the state of epoch {progress.epoch}; "
+                               f"the state of epoch {progress.epoch - 1} is kept") from None
+            raise
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
-        for older in self.folder.glob("epoch_*"):
-            if older != final:
-                shutil.rmtree(older, ignore_errors=True)
+        for older in sorted(self.folder.glob("epoch_*"), reverse=True)[KEPT:]:
+            shutil.rmtree(older, ignore_errors=True)
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _damage(folder: Path) -> str | None:
+    """What is wrong with a state folder's files (None: intact). Folders written before checksums
+    existed cannot be checked and count as intact."""
+    listed = folder / CHECKSUMS_FILE
+    if not listed.exists():
+        return None
+    try:
+        sums = json.loads(listed.read_text())
+    except (OSError, ValueError):
+        return f"{CHECKSUMS_FILE} unreadable"
+    for name, expected in sums.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} missing"
+        if _sha256(path) != expected:
+            return f"{name} does not match its checksum"
+    return None
 
 
 class EpochCheckpoint(keras.callbacks.Callback):

@@ -15,6 +15,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from histo_transfer.config.errors import Terminated
 from histo_transfer.config.objective import Objective
 from histo_transfer.data.augment import build_augmentation
 from histo_transfer.data.loading import TrainingData
@@ -138,43 +139,50 @@ class ProfileBatches(keras.callbacks.Callback):
 
 
 class _RaiseOnInterrupt(keras.callbacks.Callback):
-    def __init__(self, requested: threading.Event):
+    def __init__(self, requested: list[int]):
         super().__init__()
-        self.requested = requested
+        self.requested = requested  # the signals received, first first
 
     def _check(self, *args, **kwargs):
-        if self.requested.is_set():
-            raise KeyboardInterrupt
+        if self.requested:
+            raise _interruption(self.requested[0])
 
     on_train_batch_end = on_test_batch_end = on_epoch_end = _check
 
 
+def _interruption(signum: int) -> KeyboardInterrupt:
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
 @contextlib.contextmanager
 def interrupt_between_batches():
-    """Ctrl-C during fit stops at the next batch boundary, after the current epoch's checkpoint if
-    the epoch just ended; a second Ctrl-C stops at once. Yields the callback that raises it.
+    """Ctrl-C or SIGTERM during fit stops at the next batch boundary, after the current epoch's
+    checkpoint if the epoch just ended; a second signal stops at once. Yields the callback that
+    raises KeyboardInterrupt (Terminated for SIGTERM).
 
     Python's default handler raises KeyboardInterrupt wherever the main thread happens to be, which
     can be a finaliser whose exceptions Python prints and drops: a Ctrl-C would then be lost.
     """
-    requested = threading.Event()
+    requested: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield _RaiseOnInterrupt(requested)
         return
 
     def handler(signum, frame):
-        if requested.is_set():
-            raise KeyboardInterrupt
-        requested.set()
-        log.warning("Ctrl-C: stopping at the end of this training step (press it again to stop at once)")
+        if requested:
+            raise _interruption(requested[0])
+        requested.append(signum)
+        log.warning("%s: stopping at the end of this training step (press Ctrl-C to stop at once)",
+                    "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C")
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield _RaiseOnInterrupt(requested)
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if requested.is_set():  # noticed after the last batch: still an interrupted run
-        raise KeyboardInterrupt
+        for number, handler_before in previous.items():
+            signal.signal(number, handler_before)
+    if requested:  # noticed after the last batch: still an interrupted run
+        raise _interruption(requested[0])
 
 
 def progress_verbosity(progress: str) -> int:

@@ -20,7 +20,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from histo_transfer.config.context import RunContext
-from histo_transfer.config.errors import TrainingInterrupted
+from histo_transfer.config.errors import DiskFull, Terminated, TrainingInterrupted
 from histo_transfer.config.identity import run_key
 from histo_transfer.config.objective import EPOCH_METRICS, Objective
 from histo_transfer.data.augment import plot_examples
@@ -127,9 +127,17 @@ def run_training(cfg: DictConfig, context: RunContext, *, parent_run_id: str | N
             if not outbox.close(wait_s=cfg.tracking.outage_limit_s):
                 outbox.keep("FINISHED")
                 raise Unsent(outbox.folder)
-    except KeyboardInterrupt:
+    except OSError as exc:  # a full disk: one line naming where (the run has ended FAILED)
+        if not DiskFull.caused(exc):
+            raise
+        raise DiskFull(f"{exc.filename or cfg.paths.output_dir}: no space left on the device") from None
+    except DiskFull as full:
+        if checkpoints.latest() is None:
+            raise
+        raise DiskFull(f"{full}. Once there is space, resume with: {context.resume_command()}") from None
+    except KeyboardInterrupt as interruption:
         raise TrainingInterrupted("the run ended KILLED, its last completed epoch is saved; resume with: "
-                                  + context.resume_command()) from None
+                                  + context.resume_command(), isinstance(interruption, Terminated)) from None
     except Unsent as unsent:
         log.warning("training finished, but the tracking server stayed away past tracking.outage_limit_s "
                     "(%s s): run %s stays RUNNING there; its model and remaining metrics are kept in %s. "
