@@ -53,3 +53,16 @@ def test_a_truncated_state_is_reported_and_the_epoch_before_is_resumed(tmp_path,
     with caplog.at_level(logging.WARNING):
         assert checkpoints.latest() is None
     assert f"({MODEL_FILE} missing): no earlier state is left" in caplog.text
+
+
+def test_states_are_ordered_by_epoch_number_and_a_discarded_future_is_pruned(tmp_path):
+    checkpoints = Checkpoints(tmp_path, "key")
+    save_epochs(checkpoints, 2)
+    (checkpoints.folder / "epoch_0002").rename(checkpoints.folder / "epoch_9999")  # a later epoch, stale
+    checkpoints.save(tiny_model(0), None, Progress(run_id="r", epoch=10000))
+    assert checkpoints.latest().progress.epoch == 10000  # epoch_10000 comes after epoch_9999
+    assert sorted(p.name for p in checkpoints.folder.iterdir()) == ["epoch_10000", "epoch_9999"]
+    checkpoints.save(tiny_model(0), None, Progress(run_id="r", epoch=1))  # a run resumed from before them
+    assert sorted(p.name for p in checkpoints.folder.iterdir()) == ["epoch_0001"]  # later states: gone
+    checkpoints.save(tiny_model(0), None, Progress(run_id="r", epoch=2))
+    assert sorted(p.name for p in checkpoints.folder.iterdir()) == ["epoch_0001", "epoch_0002"]

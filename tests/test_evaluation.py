@@ -50,7 +50,7 @@ def test_resampled_aucs_are_roc_auc_score_on_each_resample_ties_included():
     scores = np.round(rng.random(30) + 0.3 * labels, 1)  # many tied scores, across labels too
     picks = np.random.default_rng(5).integers(0, 30, (200, 30))
     expected = [roc_auc_score(labels[p], scores[p]) for p in picks if 0 < labels[p].sum() < 30]
-    (aucs,) = resampled_aucs(labels, [scores], seed=5, samples=200, chunk=64)
+    (aucs,) = resampled_aucs(labels, [scores], seed=5, samples=200, cells=30 * 7)  # chunks of 7 resamples
     assert len(aucs) == len(expected) and np.allclose(aucs, expected, atol=1e-12)
     few = resampled_aucs(np.array([0, 1, 1]), [np.array([0.2, 0.1, 0.9])], seed=0, samples=50)[0]
     assert 0 < len(few) < 50 and set(np.round(few, 6)) <= {0.0, 0.5, 1.0}  # one-class draws are skipped

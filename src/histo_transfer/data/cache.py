@@ -117,7 +117,14 @@ def allocated_memmap(path: Path, shape: tuple[int, ...]) -> np.memmap:
     (SIGBUS on the mapped page) instead of raising "no space left"."""
     images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
     with open(path, "r+b") as stream:
-        os.posix_fallocate(stream.fileno(), 0, images.offset + images.nbytes)
+        try:
+            os.posix_fallocate(stream.fileno(), 0, images.offset + images.nbytes)
+        except AttributeError:
+            pass  # not on this system (macOS): a sparse file, as before
+        except OSError as exc:
+            if DiskFull.caused(exc):
+                raise
+            log.debug("%s: blocks not reserved (%s); the file stays sparse", path, exc)  # a file system without it
     return images
 
 

@@ -103,39 +103,47 @@ def paired_auc_difference(labels, baseline, candidate, seed: int = 0,
     return float(observed), float(low), float(high), float(np.mean(differences > 0))
 
 
-def resampled_aucs(labels, scores: list, seed: int, samples: int, chunk: int = 64) -> list[np.ndarray]:
+def resampled_aucs(labels, scores: list, seed: int, samples: int, cells: int = 2_000_000) -> list[np.ndarray]:
     """The ROC AUC of each score array on the same `samples` resamples of the patches (drawn with
     replacement; draws holding one class only are skipped). A resample is a count per patch, and the
     AUC of counted patches is the Mann-Whitney statistic with those counts as weights: one sort per
     score array and a few array sums per chunk of resamples, not a thousand roc_auc_score calls
-    (seconds per run, the larger part of a short training run's evaluation)."""
+    (seconds per run, the larger part of a short training run's evaluation). Chunks hold about
+    `cells` counts, so memory stays a few arrays of that size whatever the number of patches."""
     labels = np.asarray(labels).astype(int)
     n = len(labels)
     rng = np.random.default_rng(seed)
-    counts = []
+    ranked = [_TiedRanks(labels, np.asarray(score, dtype=np.float64)) for score in scores]
+    chunk = max(1, min(samples, cells // max(n, 1)))
+    aucs: list[list[np.ndarray]] = [[] for _ in scores]
     for start in range(0, samples, chunk):
         rows = min(chunk, samples - start)
         picks = rng.integers(0, n, (rows, n))
-        weights = np.bincount((picks + n * np.arange(rows)[:, None]).ravel(), minlength=rows * n)
-        weights = weights.reshape(rows, n)
+        weights = np.bincount((picks + n * np.arange(rows)[:, None]).ravel(), minlength=rows * n).reshape(rows, n)
         positives = weights @ labels
-        counts.append(weights[(positives > 0) & (positives < n)])
-    counts = np.concatenate(counts).astype(np.float64)
-    return [_weighted_aucs(labels, np.asarray(score, dtype=np.float64), counts) for score in scores]
+        weights = weights[(positives > 0) & (positives < n)].astype(np.float64)
+        for found, ranks in zip(aucs, ranked):
+            found.append(ranks.weighted_aucs(weights))
+    return [np.concatenate(found) for found in aucs]
 
 
-def _weighted_aucs(labels: np.ndarray, score: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Per row of `weights`: P(score of a positive > score of a negative), ties counted as one half."""
-    order = np.argsort(score, kind="stable")
-    ordered = score[order]
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])  # groups of tied scores
-    positive = labels[order] == 1
-    weights = weights[:, order]
-    pos = np.add.reduceat(np.where(positive, weights, 0.0), starts, axis=1)
-    neg = np.add.reduceat(np.where(positive, 0.0, weights), starts, axis=1)
-    negatives_below = np.cumsum(neg, axis=1) - neg
-    wins = (pos * (negatives_below + 0.5 * neg)).sum(axis=1)
-    return wins / (pos.sum(axis=1) * neg.sum(axis=1))
+class _TiedRanks:
+    """One score array sorted once: its order, its groups of tied scores and which patches are positive."""
+
+    def __init__(self, labels: np.ndarray, score: np.ndarray):
+        self.order = np.argsort(score, kind="stable")
+        ordered = score[self.order]
+        self.starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+        self.positive = labels[self.order] == 1
+
+    def weighted_aucs(self, weights: np.ndarray) -> np.ndarray:
+        """Per row of `weights`: P(score of a positive > score of a negative), ties counted as one half."""
+        weights = weights[:, self.order]
+        pos = np.add.reduceat(np.where(self.positive, weights, 0.0), self.starts, axis=1)
+        neg = np.add.reduceat(np.where(self.positive, 0.0, weights), self.starts, axis=1)
+        negatives_below = np.cumsum(neg, axis=1) - neg
+        wins = (pos * (negatives_below + 0.5 * neg)).sum(axis=1)
+        return wins / (pos.sum(axis=1) * neg.sum(axis=1))
 
 
 def threshold_metrics(labels, probabilities, threshold: float) -> tuple[dict[str, float], dict[str, int]]:

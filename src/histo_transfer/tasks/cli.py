@@ -55,16 +55,16 @@ def run(task: str, config_dir: Path) -> None:
         return _guard(lambda: module.main(cfg, job_context()))
 
     # SIGTERM's default ends the process where it stands, a run left RUNNING; as an exception, runs end KILLED
-    before = signal.signal(signal.SIGTERM, Terminated.raise_on_sigterm) if _main_thread() else None
+    installed = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, Terminated.raise_on_sigterm) if installed else None
     try:
         main()
+    except Terminated:  # between a sweep's jobs, in Hydra's callbacks or while TensorFlow loads
+        print("terminated: stopped by SIGTERM", file=sys.stderr)
+        sys.exit(Terminated.exit_code)
     finally:
-        if before is not None:
-            signal.signal(signal.SIGTERM, before)
-
-
-def _main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
+        if installed:
+            signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
 
 
 def job_context() -> RunContext:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,6 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE, BEST_FILE, PROGRESS_FILE = "state.keras", "best_weights.npz", "progress.json"
 CHECKSUMS_FILE = "checksums.json"  # sha256 of every other file of the folder
-KEPT = 2  # epochs of state kept: the last, and the one to fall back to
 
 
 @dataclass
@@ -65,7 +65,7 @@ class Checkpoints:
     def latest(self) -> ResumeState | None:
         """The state of the last complete epoch whose files are intact, if any; a damaged one is
         reported (a warning naming it and what is wrong) and passed over."""
-        complete = sorted((p for p in self.folder.glob("epoch_*") if (p / PROGRESS_FILE).exists()), reverse=True)
+        complete = [p for p in self._epochs() if (p / PROGRESS_FILE).exists()][::-1]
         for folder in complete:
             damage = _damage(folder)
             if damage is None:
@@ -86,19 +86,44 @@ class Checkpoints:
             (staging / PROGRESS_FILE).write_text(json.dumps(progress.__dict__))
             sums = {path.name: _sha256(path) for path in sorted(staging.iterdir())}
             (staging / CHECKSUMS_FILE).write_text(json.dumps(sums, indent=1))
+            _sync(staging)  # on disk before the rename that makes it count, even if the machine is lost
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)  # frees what it took; the earlier states stay whole
             if DiskFull.caused(exc):
+                earlier = self.latest()
+                kept = f"the state of epoch {earlier.progress.epoch} is kept" if earlier else "no earlier state exists"
                 raise DiskFull(f"{final}: no space left on the device for the state of epoch {progress.epoch}; "
-                               f"the state of epoch {progress.epoch - 1} is kept") from None
+                               f"{kept}") from None
             raise
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
-        for older in sorted(self.folder.glob("epoch_*"), reverse=True)[KEPT:]:
-            shutil.rmtree(older, ignore_errors=True)
+        _sync(self.folder)
+        # kept: this epoch and the one before it; states of later epochs belong to a discarded future
+        below = [p for p in self._epochs() if _number(p) < progress.epoch]
+        for other in self._epochs():
+            if other != final and (not below or other != below[-1]):
+                shutil.rmtree(other, ignore_errors=True)
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _epochs(self) -> list[Path]:
+        """The state folders, by epoch number (not by name: epoch_10000 follows epoch_9999)."""
+        return sorted(self.folder.glob("epoch_*"), key=_number)
+
+
+def _number(folder: Path) -> int:
+    return int(folder.name.removeprefix("epoch_"))
+
+
+def _sync(folder: Path) -> None:
+    """fsync every file of `folder` and the folder itself."""
+    for path in [*folder.iterdir(), folder]:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 def _sha256(path: Path) -> str:
@@ -118,6 +143,8 @@ def _damage(folder: Path) -> str | None:
     try:
         sums = json.loads(listed.read_text())
     except (OSError, ValueError):
+        return f"{CHECKSUMS_FILE} unreadable"
+    if not isinstance(sums, dict):
         return f"{CHECKSUMS_FILE} unreadable"
     for name, expected in sums.items():
         path = folder / name

@@ -179,8 +179,8 @@ def interrupt_between_batches():
     try:
         yield _RaiseOnInterrupt(requested)
     finally:
-        for number, handler_before in previous.items():
-            signal.signal(number, handler_before)
+        for number, handler_before in previous.items():  # None: one set outside Python, not restorable
+            signal.signal(number, handler_before if handler_before is not None else signal.SIG_DFL)
     if requested:  # noticed after the last batch: still an interrupted run
         raise _interruption(requested[0])
 

@@ -102,9 +102,9 @@ def run_training(cfg: DictConfig, context: RunContext, *, parent_run_id: str | N
     checkpoints = Checkpoints(cfg.trainer.checkpoint_dir, run_key(cfg))
     resumed = checkpoints.latest() if cfg.trainer.resume else None
     if cfg.trainer.resume and resumed is None:
-        log.warning("trainer.resume=true, but %s holds no state of this config: starting a new run",
+        log.warning("trainer.resume=true, but %s holds no intact state of this config: starting a new run",
                     checkpoints.folder)
-    if not cfg.trainer.resume:
+    if resumed is None:
         checkpoints.clear()  # a fresh start: stale state of the same config would only mislead a later resume
     run_tags = {
         GIT_COMMIT_TAG: tracking.git_commit(Path(cfg.paths.root_dir)),
@@ -127,14 +127,13 @@ def run_training(cfg: DictConfig, context: RunContext, *, parent_run_id: str | N
             if not outbox.close(wait_s=cfg.tracking.outage_limit_s):
                 outbox.keep("FINISHED")
                 raise Unsent(outbox.folder)
-    except OSError as exc:  # a full disk: one line naming where (the run has ended FAILED)
-        if not DiskFull.caused(exc):
+    except (OSError, DiskFull) as exc:  # a full disk: one line naming where (the run has ended FAILED)
+        if isinstance(exc, OSError) and not DiskFull.caused(exc):
             raise
-        raise DiskFull(f"{exc.filename or cfg.paths.output_dir}: no space left on the device") from None
-    except DiskFull as full:
-        if checkpoints.latest() is None:
-            raise
-        raise DiskFull(f"{full}. Once there is space, resume with: {context.resume_command()}") from None
+        # an error without a file name (a write to an open file) names the folder runs write to
+        where = str(exc) if isinstance(exc, DiskFull) else f"{exc.filename or cfg.paths.output_dir}: no space left on the device"
+        resumable = f". Once there is space, resume with: {context.resume_command()}" if checkpoints.latest() else ""
+        raise DiskFull(where + resumable) from None
     except KeyboardInterrupt as interruption:
         raise TrainingInterrupted("the run ended KILLED, its last completed epoch is saved; resume with: "
                                   + context.resume_command(), isinstance(interruption, Terminated)) from None
