@@ -1,49 +1,107 @@
 #!/usr/bin/env bash
-# An MLflow tracking server bound to 127.0.0.1 (HOST=0.0.0.0 to serve a network you trust), artifacts
-# proxied by the server into a folder, background job execution off, one web worker.
+# An MLflow tracking server: one web worker, background job execution off, artifacts proxied by the
+# server into a folder (clients need no shared file system). Loopback only, unless --auth.
 #
 # Usage: scripts/tracking_server.sh [--port PORT] [--backend sqlite|postgres|URI] [--artifacts DIR]
-#                                   [--pgdata DIR] [--pg-port PORT]
+#                                   [--pgdata DIR] [--pg-port PORT] [--host HOST]
+#                                   [--auth [--admin-password-file FILE] [--auth-db URI] [--default-permission P]]
+#                                   [--allowed-hosts LIST] [--cors-allowed-origins LIST]
+#                                   [--tls-cert FILE --tls-key FILE]
 #   --backend sqlite     (default) mlruns/server.db
 #   --backend postgres   a PostgreSQL cluster of its own: `initdb` in --pgdata (default mlruns/postgres,
 #                        kept between starts), served on 127.0.0.1:--pg-port (default PORT+1) only, with
 #                        trust authentication (local connections only); stopped with the server.
 #                        Run as root, the cluster runs as the `postgres` user, who must reach --pgdata.
 #   --backend URI        any store MLflow takes, e.g. an existing postgresql://user:pw@host/db
+#   --host HOST          the address to listen on (default 127.0.0.1). Anything but loopback needs --auth;
+#                        the allowed Host headers and CORS origins then default to that host and port.
+#   --auth               MLflow's basic-auth app: every request needs a user and password, with READ, EDIT or
+#                        MANAGE per experiment and registered model (scripts/tracking_users.py adds users and
+#                        grants). The admin's password comes from --admin-password-file or
+#                        MLFLOW_AUTH_ADMIN_PASSWORD, used when the admin is created (and to replace MLflow's
+#                        old default one); the documented default `password1234` is refused. Users are kept in
+#                        --auth-db (default: a database `mlflow_auth` in the --backend postgres cluster, else
+#                        mlruns/auth.db). --default-permission: what users have on what they were not
+#                        granted (default READ; NO_PERMISSIONS hides other users' experiments).
+#   --tls-cert/--tls-key HTTPS with this certificate and key (PEM); clients trust it through
+#                        MLFLOW_TRACKING_SERVER_CERT_PATH when it is not signed by a CA they know.
 # then: python train.py tracking=server tracking.uri=http://127.0.0.1:PORT
+#       (with --auth: export MLFLOW_TRACKING_USERNAME=... MLFLOW_TRACKING_PASSWORD=...)
 # It starts several processes: stop them together, with Ctrl-C here, or `kill -- -PGID` when started
 # with `setsid`.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 port=5000 backend=sqlite artifacts="$root/mlruns/server-artifacts" pgdata="$root/mlruns/postgres" pg_port=""
+host=127.0.0.1 auth=0 password_file="" auth_db="" default_permission=READ
+allowed_hosts="" cors_origins="" tls_cert="" tls_key=""
+die() { echo "tracking_server.sh: $*" >&2; exit 2; }
 while (($#)); do
     case "$1" in
-        --port) port="$2" ;;
-        --backend) backend="$2" ;;
-        --artifacts) artifacts="$2" ;;
-        --pgdata) pgdata="$2" ;;
-        --pg-port) pg_port="$2" ;;
-        *) echo "tracking_server.sh: unknown argument '$1' (see the usage at the top of $0)" >&2; exit 2 ;;
+        --auth) auth=1; shift; continue ;;
+        --port) port="${2-}" ;;
+        --backend) backend="${2-}" ;;
+        --artifacts) artifacts="${2-}" ;;
+        --pgdata) pgdata="${2-}" ;;
+        --pg-port) pg_port="${2-}" ;;
+        --host) host="${2-}" ;;
+        --admin-password-file) password_file="${2-}" ;;
+        --auth-db) auth_db="${2-}" ;;
+        --default-permission) default_permission="${2-}" ;;
+        --allowed-hosts) allowed_hosts="${2-}" ;;
+        --cors-allowed-origins) cors_origins="${2-}" ;;
+        --tls-cert) tls_cert="${2-}" ;;
+        --tls-key) tls_key="${2-}" ;;
+        *) die "unknown argument '$1' (see the usage at the top of $0)" ;;
     esac
-    shift 2 || { echo "tracking_server.sh: '$1' needs a value" >&2; exit 2; }
+    (($# >= 2)) || die "'$1' needs a value"
+    shift 2
 done
+
+# Never open by accident: without --auth anyone who reaches the port may read, change or delete every run.
+case "$host" in
+    127.*|localhost|::1) loopback=1 ;;
+    *) loopback=0 ;;
+esac
+((loopback || auth)) || die "refusing to listen on $host without --auth: anyone who reaches it could read, change or delete every run and model (add --auth, or keep the default 127.0.0.1)"
+[[ -z "$tls_cert$tls_key" || ( -n "$tls_cert" && -n "$tls_key" ) ]] || die "--tls-cert and --tls-key go together"
+for file in "$tls_cert" "$tls_key"; do
+    [[ -z "$file" || -r "$file" ]] || die "cannot read the TLS file $file"
+done
+scheme=http
+[[ -z "$tls_cert" ]] || scheme=https
+case "$default_permission" in
+    READ|USE|EDIT|MANAGE|NO_PERMISSIONS) ;;
+    *) die "--default-permission must be READ, USE, EDIT, MANAGE or NO_PERMISSIONS, not '$default_permission'" ;;
+esac
+admin_password=""
+if ((auth)); then
+    if [[ -n "$password_file" ]]; then
+        [[ -r "$password_file" ]] || die "cannot read --admin-password-file $password_file"
+        IFS= read -r admin_password < "$password_file" || true
+        [[ -n "$admin_password" ]] || die "--admin-password-file $password_file is empty"
+    else
+        admin_password="${MLFLOW_AUTH_ADMIN_PASSWORD:-}"
+    fi
+    [[ -n "$admin_password" ]] || die "--auth needs the admin's password: --admin-password-file FILE or MLFLOW_AUTH_ADMIN_PASSWORD"
+    [[ "$admin_password" != password1234 ]] || die "refusing MLflow's documented default admin password 'password1234': choose another"
+fi
 source "$(dirname "$0")/find_mlflow.sh"
 find_mlflow "$root"
-server_pid="" postgres_pid=""
+server_pid="" postgres_pid="" auth_config=""
 stop() {  # the server first, then the database it writes to (INT: PostgreSQL's fast shutdown)
     [[ -z "$server_pid" ]] || { kill "$server_pid" 2>/dev/null; wait "$server_pid" 2>/dev/null; }
     [[ -z "$postgres_pid" ]] || { kill -INT "$postgres_pid" 2>/dev/null; wait "$postgres_pid" 2>/dev/null; }
+    [[ -z "$auth_config" ]] || rm -f "$auth_config"
 }
 trap stop EXIT
 trap 'exit 143' TERM INT
 
 start_postgres() {
     local bin="${PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)}"
-    [[ -x "$bin/initdb" ]] || { echo "tracking_server.sh: PostgreSQL's initdb not found; set PG_BIN" >&2; exit 2; }
-    "$mlflow_python" -c "import psycopg" 2>/dev/null || {
-        echo "tracking_server.sh: MLflow reaches PostgreSQL through psycopg: pip install -e '.[server]'" >&2; exit 2; }
+    [[ -x "$bin/initdb" ]] || die "PostgreSQL's initdb not found; set PG_BIN"
+    "$mlflow_python" -c "import psycopg" 2>/dev/null || die "MLflow reaches PostgreSQL through psycopg: pip install -e '.[server]'"
     pg_port="${pg_port:-$((port + 1))}"
-    local as_owner=()
+    local as_owner=() database
     mkdir -p "$pgdata"
     if ((EUID == 0)); then  # PostgreSQL refuses to run as root
         chown postgres: "$pgdata" && chmod 700 "$pgdata"
@@ -59,9 +117,12 @@ start_postgres() {
         kill -0 $postgres_pid 2>/dev/null || { echo "tracking_server.sh: PostgreSQL did not start" >&2; exit 1; }
         sleep 0.2
     done
-    "$bin/psql" -h 127.0.0.1 -p "$pg_port" -U mlflow -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname='mlflow'" \
-        | grep -q 1 || "$bin/createdb" -h 127.0.0.1 -p "$pg_port" -U mlflow mlflow
+    for database in mlflow mlflow_auth; do  # runs, and the users of --auth (each its own schema migrations)
+        "$bin/psql" -h 127.0.0.1 -p "$pg_port" -U mlflow -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname='$database'" \
+            | grep -q 1 || "$bin/createdb" -h 127.0.0.1 -p "$pg_port" -U mlflow "$database"
+    done
     backend_uri="postgresql+psycopg://mlflow@127.0.0.1:$pg_port/mlflow"
+    auth_db="${auth_db:-postgresql+psycopg://mlflow@127.0.0.1:$pg_port/mlflow_auth}"
     echo "tracking_server.sh: PostgreSQL $pgdata on 127.0.0.1:$pg_port"
 }
 
@@ -70,8 +131,40 @@ case "$backend" in
     postgres) start_postgres ;;
     *) backend_uri="$backend" ;;
 esac
+
+options=(--backend-store-uri "$backend_uri" --artifacts-destination "$artifacts" --serve-artifacts
+         --host "$host" --port "$port" --workers 1)
+if ((auth)); then
+    # The admin's password reaches MLflow through the environment of its process (never its command line,
+    # which `ps` shows); the settings file is private to this user and removed on exit.
+    auth_config="$(mktemp "${TMPDIR:-/tmp}/mlflow-auth-XXXXXX.ini")"
+    chmod 600 "$auth_config"
+    cat > "$auth_config" <<INI
+[mlflow]
+default_permission = $default_permission
+database_uri = ${auth_db:-sqlite:///$root/mlruns/auth.db}
+admin_username = admin
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+INI
+    export MLFLOW_AUTH_CONFIG_PATH="$auth_config" MLFLOW_AUTH_ADMIN_PASSWORD="$admin_password"
+    # signs the sign-up form's CSRF token; one worker, so a key of this start's own is enough
+    export MLFLOW_FLASK_SERVER_SECRET_KEY="${MLFLOW_FLASK_SERVER_SECRET_KEY:-$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')}"
+    options+=(--app-name basic-auth)
+fi
+# A stop does not wait for clients that keep a connection open (MLflow's client keeps them alive).
+uvicorn_opts="--timeout-graceful-shutdown 5"
+[[ -z "$tls_cert" ]] || uvicorn_opts+=" --ssl-certfile $(printf %q "$tls_cert") --ssl-keyfile $(printf %q "$tls_key")"
+options+=(--uvicorn-opts "$uvicorn_opts")
+# The Host headers and browser origins accepted (against DNS rebinding and cross-site requests): those of
+# the address given, unless set; on a wildcard address, MLflow's own (localhost and private addresses).
+if [[ "$host" != 127.0.0.1 && "$host" != localhost && "$host" != 0.0.0.0 && "$host" != :: ]]; then
+    allowed_hosts="${allowed_hosts:-$host,$host:$port,localhost,localhost:$port,127.0.0.1,127.0.0.1:$port}"
+    cors_origins="${cors_origins:-$scheme://$host:$port}"
+fi
+[[ -z "$allowed_hosts" ]] || options+=(--allowed-hosts "$allowed_hosts")
+[[ -z "$cors_origins" ]] || options+=(--cors-allowed-origins "$cors_origins")
+echo "tracking_server.sh: $scheme://$host:$port$( ((auth)) && echo ", users and permissions (basic-auth)")"
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
-"$mlflow" server --backend-store-uri "$backend_uri" --artifacts-destination "$artifacts" \
-    --serve-artifacts --host "${HOST:-127.0.0.1}" --port "$port" --workers 1 &
+"$mlflow" server "${options[@]}" &
 server_pid=$!
 wait $server_pid

@@ -247,16 +247,19 @@ def loopback_server(command: list[str], ready, env: dict | None = None, timeout:
             time.sleep(0.5)
         yield server
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # it may have failed to start
+            os.killpg(server.pid, signal.SIGTERM)
         deadline = time.time() + 30
         while live_group_members(server.pid) and time.time() < deadline:
             time.sleep(0.5)
-        if live_group_members(server.pid):
+        stuck = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+                 for pid in live_group_members(server.pid)}
+        if stuck:
             os.killpg(server.pid, signal.SIGKILL)
         server.wait(timeout=30)
         log.close()
         os.unlink(log.name)
-    assert live_group_members(server.pid) == []
+    assert not stuck, f"still running 30 s after SIGTERM: {stuck}"
 
 
 def live_group_members(group: int) -> list[int]:

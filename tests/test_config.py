@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import re
 
 import pytest
@@ -175,11 +177,24 @@ def test_cli_config_errors_exit_2_with_one_line(args, message):
     ("tracking.uri=postgresql://u:p@db/mlflow other=1", "tracking.uri=postgresql://***@db/mlflow other=1"),
     ("s3://bucket/key", "s3://bucket/key"),
     ("sqlite:////work/mlruns/mlflow.db", "sqlite:////work/mlruns/mlflow.db"),
+    ("https://ghp_tok3n@mlflow.internal", "https://***@mlflow.internal"),  # a token as the user name
+    # as Hydra passes a sweep's override to its jobs, colons escaped
+    ("tracking.uri=https\\://alice\\:pw@host\\:5000", "tracking.uri=https\\://***@host\\:5000"),
 ])
 def test_credentials_in_uris_are_redacted(text, expected):
     from histo_transfer.tracking.redaction import redact_uri
 
     assert redact_uri(text) == expected
+
+
+def test_credentials_in_a_server_uri_move_to_mlflows_environment_and_out_of_the_uri(monkeypatch):
+    from histo_transfer.tracking.access import credentials_out_of_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    assert credentials_out_of_uri("https://alice:p%40ss@mlflow.internal:5000/x") == "https://mlflow.internal:5000/x"
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("alice", "p@ss")
+    assert credentials_out_of_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
 
 
 def test_what_runs_write_under_the_project_root_is_ignored_by_git():

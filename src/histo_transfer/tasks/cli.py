@@ -29,6 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from histo_transfer.config.context import RunContext
 from histo_transfer.config.errors import Terminated, UserError
 from histo_transfer.tasks.console import import_tensorflow_quietly
+from histo_transfer.tracking.redaction import redact_log_records
 
 PARENT_RUN_ENV = "HISTO_TRANSFER_PARENT_RUN_ID"  # a sweep's parent run, set by tasks.sweep for its jobs
 
@@ -37,6 +38,7 @@ def run(task: str, config_dir: Path) -> None:
     """Run the task module `task` (e.g. "histo_transfer.tasks.train") under Hydra, after checking every
     config the command line asks for."""
     module = importlib.import_module(task)
+    redact_log_records()
     sys.argv[1:] = path_overrides(sys.argv[1:], config_dir, getattr(module, "PATH_KEYS", ()))  # Hydra reads argv
     args, _ = _arguments().parse_known_args()
     config_name = args.config_name or module.CONFIG_NAME
@@ -50,6 +52,7 @@ def run(task: str, config_dir: Path) -> None:
 
     @hydra.main(config_path=str(config_dir), config_name=module.CONFIG_NAME, version_base="1.3")
     def main(cfg: DictConfig):
+        redact_log_records()  # again: a launcher's job may run in a process of its own
         if getattr(module, "LOADS_TENSORFLOW", False):  # here, so its load-time banners can be dropped
             import_tensorflow_quietly()
         return _guard(lambda: module.main(cfg, job_context()))

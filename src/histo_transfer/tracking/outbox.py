@@ -25,6 +25,7 @@ import mlflow
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from histo_transfer.tracking.access import tls_verify
 from histo_transfer.tracking.redaction import redact_uri
 from histo_transfer.tracking.schema import LOGGED_MODEL_NAME, MODEL_ARTIFACT, MODEL_SUMMARY_ARTIFACT
 
@@ -52,9 +53,28 @@ def store_answers(uri: str, timeout: float = 3.0) -> bool:
     import requests  # MLflow's own HTTP client: it takes the user and password of http://user:pw@host
 
     try:
-        return requests.get(uri.rstrip("/") + "/health", timeout=timeout).status_code == 200
+        return requests.get(uri.rstrip("/") + "/health", timeout=timeout, verify=tls_verify()).status_code == 200
     except requests.RequestException:
         return False
+
+
+@contextlib.contextmanager
+def few_retries(retries: int = 1, timeout_s: int | None = None):
+    """MLflow's HTTP calls with `retries` quick retries instead of its default 7 with exponential backoff
+    (minutes): a call made while the server is away fails in seconds, and its record waits here."""
+    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries), "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    if timeout_s is not None:
+        settings["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(timeout_s)
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 class Outbox:
@@ -134,7 +154,8 @@ class Outbox:
         while self.pending:
             item = self.pending[0]
             try:
-                self._send(item)
+                with few_retries():
+                    self._send(item)
             except Exception:
                 if store_answers(self.uri):
                     raise

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 import subprocess
 import time
@@ -16,8 +15,9 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
-from histo_transfer.config.errors import ConfigError, Terminated, TrainingInterrupted, UserError
-from histo_transfer.tracking.outbox import QUEUE, Outbox, Unsent, store_answers
+from histo_transfer.config.errors import Terminated, TrainingInterrupted, UserError
+from histo_transfer.tracking import access
+from histo_transfer.tracking.outbox import QUEUE, Outbox, Unsent, few_retries, store_answers
 from histo_transfer.tracking.redaction import redact_uri
 from histo_transfer.tracking.schema import ERROR_ARTIFACT, EXPERIMENT_KIND_TAG
 
@@ -31,18 +31,21 @@ def setup(tracking_cfg) -> str:
     """Point MLflow at the configured store and return the experiment's id, creating it if needed;
     sets system-metrics sampling for the runs to come."""
     uri = tracking_cfg.uri
-    if not store_answers(uri):
-        raise ConfigError("tracking.uri", f"the tracking server {redact_uri(uri)} does not answer (GET /health): "
-                          "start it (scripts/tracking_server.sh), or record into a local store with tracking=local")
+    user = None
+    if uri.startswith(("http://", "https://")):  # a server: reachable, trusted, and knows us
+        uri = access.credentials_out_of_uri(uri)
+        access.check_server(uri)
+        user = access.current_user(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_system_metrics_sampling_interval(tracking_cfg.get("system_metrics_interval", 10))
     name = tracking_cfg.experiment
     experiment = mlflow.get_experiment_by_name(name)
-    if experiment is None:
+    if experiment is None:  # its creator may manage it
         try:
             return mlflow.create_experiment(name, artifact_location=artifact_location(uri), tags=EXPERIMENT_KIND)
         except MlflowException:  # created meanwhile by a parallel job
             experiment = mlflow.get_experiment_by_name(name)
+    access.require_write_access(uri, user, experiment.experiment_id, name)
     if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an older version of this project
         mlflow.tracking.MlflowClient().set_experiment_tag(experiment.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
     return experiment.experiment_id
@@ -132,25 +135,10 @@ def tracked_run(experiment_id: str, run_name: str | None, tags: dict[str, str], 
         mlflow.end_run("FINISHED")
 
 
-@contextlib.contextmanager
-def _fail_fast():
-    """MLflow's HTTP calls without their retries (minutes, by default) and with a short timeout."""
-    saved = {key: os.environ.get(key) for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def end_run_locally() -> None:
     """Take the active run off this process's stack while its server is away (the run stays RUNNING
     there until scripts/sync_run.py ends it): end_run pops the run before it calls the server."""
-    with _fail_fast(), contextlib.suppress(Exception):
+    with few_retries(0, timeout_s=5), contextlib.suppress(Exception):
         mlflow.end_run("RUNNING")
 
 
