@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY_RUN, compose_config, free_port, loopback_server, run_cli
+from conftest import ROOT, TINY_RUN, compose_config, free_port, loopback_server, run_cli, store_overrides
 from mlflow.tracking import MlflowClient
 
 pytestmark = [pytest.mark.scaleout, pytest.mark.slow]
@@ -251,6 +251,39 @@ def test_a_sweep_on_a_one_node_slurm_cluster(slurm_cluster, team_server, tmp_pat
     logs = sorted(Path(parent.data.tags["sweep_dir"]).glob(".submitit/*/*_log.out"))
     assert len(logs) == 2  # each SLURM job's own log, in Hydra's sweep folder
     assert all("finished: best val_auc" in log.read_text() + log.with_suffix(".err").read_text() for log in logs)
+
+
+def test_a_slurm_job_cancelled_with_scancel_resumes_into_the_same_run(slurm_cluster, tmp_path, monkeypatch):
+    """scancel sends SIGTERM (SIGKILL after KillWait): the job checkpoints, ends its run KILLED with exit
+    143 and prints the resume command, which continues the same run from the last epoch."""
+    for key, value in slurm_cluster.items():
+        monkeypatch.setenv(key, value)
+    args = [*OUTAGE_RUN, *store_overrides(tmp_path), f"trainer.checkpoint_dir={tmp_path / 'ckpt'}"]  # 3 epochs
+    log = tmp_path / "job.out"
+    submitted = subprocess.run(["sbatch", "--parsable", f"--output={log}", f"--chdir={ROOT}", "--cpus-per-task=1",
+                                "--mem=2G", "--wrap", " ".join(["exec", sys.executable, "train.py", *args])],
+                               capture_output=True, text=True, check=True)
+    job = submitted.stdout.strip().split(";")[0]
+    deadline = time.time() + 300
+    while not list((tmp_path / "ckpt").glob("*/epoch_0001/progress.json")):
+        assert time.time() < deadline, f"no epoch 1 in 300 s: {log.read_text()[-3000:] if log.exists() else ''}"
+        time.sleep(0.2)
+    subprocess.run(["scancel", job], check=True)
+    while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
+        assert time.time() < deadline + 120, "the cancelled job did not leave the queue"
+        time.sleep(0.5)
+    said = log.read_text()
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    [killed] = client.search_runs([client.get_experiment_by_name("histo-transfer").experiment_id])
+    assert killed.info.status == "KILLED" and killed.data.tags["error"] == "interrupted (SIGTERM)", said[-3000:]
+    assert said.strip().splitlines()[-1].endswith("trainer.resume=true") and "Traceback" not in said
+
+    resumed = run_cli([*args, "trainer.resume=true"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    [run] = client.search_runs([killed.info.experiment_id])
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    assert sorted({m.step for m in client.get_metric_history(run.info.run_id, "val_auc")}) == [1, 2, 3]
 
 
 def test_slides_spread_over_a_one_node_slurm_cluster_one_job_each(slurm_cluster, team_server, tmp_path, monkeypatch):
