@@ -53,15 +53,13 @@ while (($#)); do
         --tls-key) tls_key="${2-}" ;;
         *) die "unknown argument '$1' (see the usage at the top of $0)" ;;
     esac
-    (($# >= 2)) || die "'$1' needs a value"
+    (($# >= 2)) && [[ "$2" != --* ]] || die "'$1' needs a value"
     shift 2
 done
 
 # Never open by accident: without --auth anyone who reaches the port may read, change or delete every run.
-case "$host" in
-    127.*|localhost|::1) loopback=1 ;;
-    *) loopback=0 ;;
-esac
+loopback=0
+[[ "$host" =~ ^127\.[0-9]+\.[0-9]+\.[0-9]+$ || "$host" == localhost || "$host" == ::1 ]] && loopback=1
 ((loopback || auth)) || die "refusing to listen on $host without --auth: anyone who reaches it could read, change or delete every run and model (add --auth, or keep the default 127.0.0.1)"
 [[ -z "$tls_cert$tls_key" || ( -n "$tls_cert" && -n "$tls_key" ) ]] || die "--tls-cert and --tls-key go together"
 for file in "$tls_cert" "$tls_key"; do
@@ -78,12 +76,15 @@ if ((auth)); then
     if [[ -n "$password_file" ]]; then
         [[ -r "$password_file" ]] || die "cannot read --admin-password-file $password_file"
         IFS= read -r admin_password < "$password_file" || true
+        admin_password="${admin_password%$'\r'}"  # a file written on Windows
         [[ -n "$admin_password" ]] || die "--admin-password-file $password_file is empty"
     else
         admin_password="${MLFLOW_AUTH_ADMIN_PASSWORD:-}"
     fi
     [[ -n "$admin_password" ]] || die "--auth needs the admin's password: --admin-password-file FILE or MLFLOW_AUTH_ADMIN_PASSWORD"
     [[ "$admin_password" != password1234 ]] || die "refusing MLflow's documented default admin password 'password1234': choose another"
+    ((${#admin_password} >= 12)) || die "the admin's password must have 12 characters or more (MLflow's rule)"
+    ((loopback)) || [[ -n "$tls_cert" ]] || echo "tracking_server.sh: warning: without --tls-cert, passwords cross the network in the clear (unless a TLS proxy is in front)" >&2
 fi
 source "$(dirname "$0")/find_mlflow.sh"
 find_mlflow "$root"
@@ -110,20 +111,29 @@ start_postgres() {
     if [[ ! -f "$pgdata/PG_VERSION" ]]; then
         "${as_owner[@]}" "$bin/initdb" -D "$pgdata" -U mlflow --auth=trust -E UTF8 >/dev/null
     fi
-    # in this process group: whatever stops the server stops the database too
-    "${as_owner[@]}" "$bin/postgres" -D "$pgdata" -h 127.0.0.1 -p "$pg_port" -k "$pgdata" &
+    # in this process group: whatever stops the server stops the database too. With --auth it has no TCP
+    # port, only its socket in --pgdata (mode 700): its trust login must not bypass the server's users.
+    local listen=127.0.0.1 at
+    ((auth)) && listen=""
+    at="${listen:-$pgdata}"
+    "${as_owner[@]}" "$bin/postgres" -D "$pgdata" -h "$listen" -p "$pg_port" -k "$pgdata" &
     postgres_pid=$!
-    until "$bin/pg_isready" -q -h 127.0.0.1 -p "$pg_port"; do
+    until "$bin/pg_isready" -q -h "$at" -p "$pg_port"; do
         kill -0 $postgres_pid 2>/dev/null || { echo "tracking_server.sh: PostgreSQL did not start" >&2; exit 1; }
         sleep 0.2
     done
     for database in mlflow mlflow_auth; do  # runs, and the users of --auth (each its own schema migrations)
-        "$bin/psql" -h 127.0.0.1 -p "$pg_port" -U mlflow -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname='$database'" \
-            | grep -q 1 || "$bin/createdb" -h 127.0.0.1 -p "$pg_port" -U mlflow "$database"
+        "$bin/psql" -h "$at" -p "$pg_port" -U mlflow -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname='$database'" \
+            | grep -q 1 || "$bin/createdb" -h "$at" -p "$pg_port" -U mlflow "$database"
     done
-    backend_uri="postgresql+psycopg://mlflow@127.0.0.1:$pg_port/mlflow"
-    auth_db="${auth_db:-postgresql+psycopg://mlflow@127.0.0.1:$pg_port/mlflow_auth}"
-    echo "tracking_server.sh: PostgreSQL $pgdata on 127.0.0.1:$pg_port"
+    if ((auth)); then
+        backend_uri="postgresql+psycopg://mlflow@/mlflow?host=$pgdata&port=$pg_port"
+        auth_db="${auth_db:-postgresql+psycopg://mlflow@/mlflow_auth?host=$pgdata&port=$pg_port}"
+        echo "tracking_server.sh: PostgreSQL $pgdata on its socket only (port $pg_port)"
+    else
+        backend_uri="postgresql+psycopg://mlflow@127.0.0.1:$pg_port/mlflow"
+        echo "tracking_server.sh: PostgreSQL $pgdata on 127.0.0.1:$pg_port"
+    fi
 }
 
 case "$backend" in
@@ -142,7 +152,7 @@ if ((auth)); then
     cat > "$auth_config" <<INI
 [mlflow]
 default_permission = $default_permission
-database_uri = ${auth_db:-sqlite:///$root/mlruns/auth.db}
+database_uri = $(auth_db="${auth_db:-sqlite:///$root/mlruns/auth.db}"; echo "${auth_db//%/%%}")
 admin_username = admin
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 INI
@@ -158,8 +168,10 @@ options+=(--uvicorn-opts "$uvicorn_opts")
 # The Host headers and browser origins accepted (against DNS rebinding and cross-site requests): those of
 # the address given, unless set; on a wildcard address, MLflow's own (localhost and private addresses).
 if [[ "$host" != 127.0.0.1 && "$host" != localhost && "$host" != 0.0.0.0 && "$host" != :: ]]; then
-    allowed_hosts="${allowed_hosts:-$host,$host:$port,localhost,localhost:$port,127.0.0.1,127.0.0.1:$port}"
-    cors_origins="${cors_origins:-$scheme://$host:$port}"
+    named="$host"
+    [[ "$host" != *:* ]] || named="[$host]"  # IPv6, as clients write it in their Host header
+    allowed_hosts="${allowed_hosts:-$named,$named:$port,localhost,localhost:$port,127.0.0.1,127.0.0.1:$port}"
+    cors_origins="${cors_origins:-$scheme://$named:$port}"
 fi
 [[ -z "$allowed_hosts" ]] || options+=(--allowed-hosts "$allowed_hosts")
 [[ -z "$cors_origins" ]] || options+=(--cors-allowed-origins "$cors_origins")

@@ -7,7 +7,8 @@
 
 Permissions (MLflow's basic-auth app): READ sees runs and models, EDIT also records runs (what training
 needs), MANAGE also grants others; NO_PERMISSIONS hides the experiment. A user who creates an experiment
-manages it. The password is read from a file (or typed), never taken on the command line.
+manages it; granting on an experiment nobody has recorded into yet creates it. The password is read
+from a file (or typed), never taken on the command line. Exit 2 on any refusal, with one line.
 """
 
 import argparse
@@ -16,6 +17,8 @@ import os
 import sys
 
 if __name__ == "__main__":
+    from mlflow.exceptions import MlflowException
+
     from histo_transfer.config.errors import UserError
     from histo_transfer.tracking import access
 
@@ -33,10 +36,11 @@ if __name__ == "__main__":
     give.add_argument("--model", action="store_true", help="NAME is a registered model")
     args = parser.parse_args()
     try:
+        access.check_server(args.uri)
         if args.command == "add":
             if args.password_file:
                 with open(args.password_file) as file:
-                    password = file.readline().rstrip("\n")
+                    password = file.readline().rstrip("\r\n")
             else:
                 password = getpass.getpass(f"password for {args.user}: ")
             access.add_user(args.uri, args.user, password)
@@ -44,6 +48,6 @@ if __name__ == "__main__":
         else:
             now = access.grant(args.uri, args.user, args.name, args.permission, args.model)
             print(f"{args.user} has {now} on {'registered model' if args.model else 'experiment'} {args.name}")
-    except (UserError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    except (UserError, OSError, MlflowException) as exc:
+        print(f"error: {exc}".splitlines()[0], file=sys.stderr)
+        sys.exit(2)

@@ -252,14 +252,20 @@ def loopback_server(command: list[str], ready, env: dict | None = None, timeout:
         deadline = time.time() + 30
         while live_group_members(server.pid) and time.time() < deadline:
             time.sleep(0.5)
-        stuck = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
-                 for pid in live_group_members(server.pid)}
+        stuck = {pid: _command_line(pid) for pid in live_group_members(server.pid)}
         if stuck:
             os.killpg(server.pid, signal.SIGKILL)
         server.wait(timeout=30)
         log.close()
         os.unlink(log.name)
     assert not stuck, f"still running 30 s after SIGTERM: {stuck}"
+
+
+def _command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+    except OSError:
+        return "(ended meanwhile)"
 
 
 def live_group_members(group: int) -> list[int]:

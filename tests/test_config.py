@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import re
 
 import pytest
@@ -187,14 +185,16 @@ def test_credentials_in_uris_are_redacted(text, expected):
     assert redact_uri(text) == expected
 
 
-def test_credentials_in_a_server_uri_move_to_mlflows_environment_and_out_of_the_uri(monkeypatch):
-    from histo_transfer.tracking.access import credentials_out_of_uri
+def test_a_user_or_password_in_a_server_uri_is_refused_before_hydra_writes_it_anywhere(tmp_path):
+    from histo_transfer.tracking.access import refuse_credentials_in_uri
 
-    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
-    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
-    assert credentials_out_of_uri("https://alice:p%40ss@mlflow.internal:5000/x") == "https://mlflow.internal:5000/x"
-    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("alice", "p@ss")
-    assert credentials_out_of_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    with pytest.raises(ConfigError, match="carries a user name or password"):
+        refuse_credentials_in_uri("https://alice:p%40ss@mlflow.internal:5000/x")
+    refuse_credentials_in_uri("http://127.0.0.1:5000")  # none: fine
+    refuse_credentials_in_uri("postgresql://u:p@db/mlflow")  # a database's own login: MLflow has no other place for it
+    result = run_cli(["tracking=server", "tracking.uri=https://alice:s3cr3t@mlflow.internal", f"paths.output_dir={tmp_path}"])
+    assert result.returncode == 2 and "tracking.uri: https://***@mlflow.internal carries" in result.stderr
+    assert "s3cr3t" not in result.stdout + result.stderr and not list(tmp_path.iterdir())  # no .hydra/ written
 
 
 def test_what_runs_write_under_the_project_root_is_ignored_by_git():

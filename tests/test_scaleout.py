@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -254,14 +255,14 @@ def test_a_sweep_on_a_one_node_slurm_cluster(slurm_cluster, team_server, tmp_pat
 
 
 def test_a_slurm_job_cancelled_with_scancel_resumes_into_the_same_run(slurm_cluster, tmp_path, monkeypatch):
-    """scancel sends SIGTERM (SIGKILL after KillWait): the job checkpoints, ends its run KILLED with exit
-    143 and prints the resume command, which continues the same run from the last epoch."""
+    """scancel sends SIGTERM (SIGKILL after KillWait): the job checkpoints, ends its run KILLED (SIGTERM)
+    and prints the resume command, which continues the same run from the last epoch."""
     for key, value in slurm_cluster.items():
         monkeypatch.setenv(key, value)
     args = [*OUTAGE_RUN, *store_overrides(tmp_path), f"trainer.checkpoint_dir={tmp_path / 'ckpt'}"]  # 3 epochs
     log = tmp_path / "job.out"
     submitted = subprocess.run(["sbatch", "--parsable", f"--output={log}", f"--chdir={ROOT}", "--cpus-per-task=1",
-                                "--mem=2G", "--wrap", " ".join(["exec", sys.executable, "train.py", *args])],
+                                "--mem=2G", "--wrap", "exec " + shlex.join([sys.executable, "train.py", *args])],
                                capture_output=True, text=True, check=True)
     job = submitted.stdout.strip().split(";")[0]
     deadline = time.time() + 300

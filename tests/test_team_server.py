@@ -25,7 +25,7 @@ from conftest import ROOT, TINY_RUN, free_port, loopback_server, run_cli
 from mlflow.tracking import MlflowClient
 from test_scaleout import EPOCH_METRICS, PG_BIN, has_module, require
 
-pytestmark = [pytest.mark.scaleout, pytest.mark.slow]
+SERVICE = [pytest.mark.scaleout, pytest.mark.slow]  # the tests that start the server; the refusals start nothing
 HOST = "127.0.0.2"
 ADMIN = ("admin", "adm1n-Pass-for-tests-7431")
 EDITOR = ("editor", "ed1tor-Pass-for-tests-9902")
@@ -64,6 +64,7 @@ class TeamServer:
 
     def __init__(self, folder: Path):
         self.port, self.pg_port = free_port(), free_port()
+        self.pgdata = folder / "pgdata"  # with --auth, PostgreSQL listens on its socket there only
         self.uri = f"https://{HOST}:{self.port}"
         self.cert, key = self_signed_certificate(folder, HOST)
         password_file = folder / "admin.pw"
@@ -71,7 +72,7 @@ class TeamServer:
         password_file.chmod(0o600)
         self.command = [str(SCRIPT), "--auth", "--admin-password-file", str(password_file), "--host", HOST,
                         "--port", str(self.port), "--tls-cert", str(self.cert), "--tls-key", str(key),
-                        "--backend", "postgres", "--pgdata", str(folder / "pgdata"), "--pg-port", str(self.pg_port),
+                        "--backend", "postgres", "--pgdata", str(self.pgdata), "--pg-port", str(self.pg_port),
                         "--artifacts", str(folder / "artifacts")]
         self._running = None
 
@@ -132,6 +133,9 @@ def team():
 
 @pytest.mark.parametrize("args, env, says", [
     (["--host", "0.0.0.0"], {}, "refusing to listen on 0.0.0.0 without --auth"),
+    (["--host", "127.corp.example"], {}, "refusing to listen on 127.corp.example without --auth"),
+    (["--auth"], {"MLFLOW_AUTH_ADMIN_PASSWORD": "short"}, "must have 12 characters or more"),
+    (["--host", "--auth"], {}, "'--host' needs a value"),
     (["--auth"], {}, "--auth needs the admin's password"),
     (["--auth"], {"MLFLOW_AUTH_ADMIN_PASSWORD": "password1234"}, "refusing MLflow's documented default admin password"),
     (["--tls-cert", "server.crt"], {}, "--tls-cert and --tls-key go together"),
@@ -143,6 +147,8 @@ def test_the_server_never_opens_by_accident(args, env, says):
     assert result.stderr.count("\n") == 1 and not result.stdout  # one line, before anything started
 
 
+@pytest.mark.scaleout
+@pytest.mark.slow
 def test_no_request_reaches_runs_artifacts_or_the_registry_without_valid_credentials(team):
     experiment = team.api("GET", "experiments/get-by-name", params={"experiment_name": "team"})["experiment"]
     run_id = team.api("POST", "runs/create", json={"experiment_id": experiment["experiment_id"]})["run"]["info"]["run_id"]
@@ -186,15 +192,19 @@ def runs_in(team: TeamServer, experiment: str) -> list:
     return client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
 
 
-def test_a_read_only_user_is_stopped_before_training_and_no_run_is_made(team, tmp_path, monkeypatch):
+@pytest.mark.scaleout
+@pytest.mark.slow
+@pytest.mark.parametrize("sweep", [[], ["-m", "trainer.seed=1,2"]], ids=["run", "sweep"])
+def test_a_read_only_user_is_stopped_before_training_and_no_run_is_made(team, tmp_path, monkeypatch, sweep):
     before = len(runs_in_as(team, ADMIN, "team", monkeypatch))
     for key, value in team.client_env(READER).items():
         monkeypatch.setenv(key, value)
-    result = run_cli([*TINY_RUN, "tracking=server", f"tracking.uri={team.uri}", "tracking.experiment=team",
+    result = run_cli([*sweep, *TINY_RUN, "tracking=server", f"tracking.uri={team.uri}", "tracking.experiment=team",
                       f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"])
     assert result.returncode == 2, result.stderr[-3000:]
     [line] = [text for text in result.stderr.splitlines() if text.startswith("error")]
     assert "user 'reader' has READ on experiment 'team'" in line and "needs EDIT" in line
+    assert f"tracking_users.py --uri {team.uri} grant reader team EDIT" in line
     assert "Traceback" not in result.stderr
     assert len(runs_in_as(team, ADMIN, "team", monkeypatch)) == before
 
@@ -206,21 +216,32 @@ def runs_in_as(team: TeamServer, user, experiment: str, monkeypatch) -> list:
         return runs_in(team, experiment)
 
 
-@pytest.mark.parametrize("trust, says", [
-    ({}, "presents a certificate this machine does not trust"),
-    ({"MLFLOW_TRACKING_PASSWORD": "not-the-password"}, "refused the user 'editor' (401"),
-])
-def test_a_client_it_cannot_trust_or_that_it_does_not_know_stops_with_one_line(team, tmp_path, monkeypatch, trust, says):
-    for key, value in {**team.client_env(EDITOR), **trust}.items():
+@pytest.mark.scaleout
+@pytest.mark.slow
+@pytest.mark.parametrize("trust, in_uri, says", [
+    ({}, False, "presents a certificate this machine does not trust"),
+    ({"MLFLOW_TRACKING_PASSWORD": "not-the-password"}, False, "refused the user 'editor' (401"),
+    ({"MLFLOW_TRACKING_SERVER_CERT_PATH": "/nowhere/server.crt"}, False, "MLFLOW_TRACKING_SERVER_CERT_PATH: /nowhere"),
+    (None, True, "carries a user name or password"),
+], ids=["untrusted", "wrong-password", "no-such-certificate", "credentials-in-the-uri"])
+def test_a_client_it_cannot_trust_or_that_it_does_not_know_stops_with_one_line(team, tmp_path, monkeypatch, trust,
+                                                                               in_uri, says):
+    for key, value in {**team.client_env(EDITOR), **(trust or {})}.items():
         monkeypatch.setenv(key, value)
-    if not trust:  # the certificate is not one this machine trusts: nothing names it
+    if trust == {}:  # the certificate is not one this machine trusts: nothing names it
         monkeypatch.delenv("MLFLOW_TRACKING_SERVER_CERT_PATH")
-    result = run_cli([*TINY_RUN, "tracking=server", f"tracking.uri={team.uri}", "tracking.experiment=team",
+    uri = team.uri.replace("://", f"://{EDITOR[0]}:{EDITOR[1]}@") if in_uri else team.uri
+    result = run_cli([*TINY_RUN, "tracking=server", f"tracking.uri={uri}", "tracking.experiment=team",
                       f"paths.output_dir={tmp_path}"])
     assert result.returncode == 2 and says in result.stderr, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "epoch" not in result.stdout.lower()
+    assert EDITOR[1] not in result.stdout + result.stderr
+    if in_uri:  # refused before Hydra wrote the command line anywhere
+        assert not [p for p in tmp_path.rglob("*") if p.is_file() and EDITOR[1] in p.read_text(errors="replace")]
 
 
+@pytest.mark.scaleout
+@pytest.mark.slow
 def test_a_4_job_sweep_rides_out_a_restart_of_the_server_and_records_no_secret(team, tmp_path, monkeypatch):
     """Through HTTPS as `editor`, with a cloud secret in the jobs' environment: the server is stopped and
     started again once every job has its run; every job finishes with every epoch, the parent's summary
@@ -230,8 +251,7 @@ def test_a_4_job_sweep_rides_out_a_restart_of_the_server_and_records_no_secret(t
     epochs = 2  # TINY_RUN's: the restart meets the jobs training or waiting to send their last records
     sweep = subprocess.Popen(
         [sys.executable, "train.py", "-m", *TINY_RUN, "tracking.system_metrics=false", "hydra/launcher=parallel", "trainer.seed=1,2,3,4", "tracking=server",
-         f"tracking.uri={team.uri.replace('://', f'://{EDITOR[0]}:{EDITOR[1]}@')}",  # credentials in the URI too
-         "tracking.experiment=team-sweep", f"paths.output_dir={tmp_path}",
+         f"tracking.uri={team.uri}", "tracking.experiment=team-sweep", f"paths.output_dir={tmp_path}",
          f"paths.cache_dir={tmp_path / 'cache'}"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for key, value in team.client_env(ADMIN).items():
@@ -272,15 +292,13 @@ def test_a_4_job_sweep_rides_out_a_restart_of_the_server_and_records_no_secret(t
     secrets = [secret, EDITOR[1], ADMIN[1]]
     records = {f"run {r.info.run_id}": json.dumps([r.data.params, r.data.tags]) for r in runs}
     records.update({f"the sweep's output, line {n}": line for n, line in enumerate(output.splitlines())})
-    # (Hydra's own .hydra/ and multirun.yaml keep the command line as it was typed: credentials belong in
-    # the environment, as the docs say; the URI's are there to prove that no record takes them)
-    files = [p for p in tmp_path.rglob("*") if p.is_file() and ".hydra" not in p.parts and p.name != "multirun.yaml"]
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert len(files) > 10
     texts = {**records, **{str(p): p.read_bytes().decode("latin-1") for p in files}}
     assert not {where: s for where, text in texts.items() for s in secrets if s in text}
 
     # the records are rows of PostgreSQL, users and all
-    count = subprocess.run([str(PG_BIN / "psql"), "-h", "127.0.0.1", "-p", str(team.pg_port), "-U", "mlflow", "-d",
+    count = subprocess.run([str(PG_BIN / "psql"), "-h", str(team.pgdata), "-p", str(team.pg_port), "-U", "mlflow", "-d",
                             "mlflow", "-tAc", "SELECT count(*) FROM runs JOIN experiments USING (experiment_id) "
                             "WHERE experiments.name = 'team-sweep'"], capture_output=True, text=True, check=True)
     assert count.stdout.strip() == "5"

@@ -23,12 +23,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from histo_transfer.config.context import RunContext
 from histo_transfer.config.errors import Terminated, UserError
 from histo_transfer.tasks.console import import_tensorflow_quietly
+from histo_transfer.tracking.access import refuse_credentials_in_uri
 from histo_transfer.tracking.redaction import redact_log_records
 
 PARENT_RUN_ENV = "HISTO_TRANSFER_PARENT_RUN_ID"  # a sweep's parent run, set by tasks.sweep for its jobs
@@ -119,6 +120,9 @@ def precheck(config_dir: Path, config_name: str, overrides: list[str], validate:
         except (HydraException, OmegaConfBaseException) as exc:
             raise UserError(_one_line(exc)) from exc
         validate(cfg)
+        uri = OmegaConf.select(cfg, "tracking.uri", default=None)
+        if uri:  # before Hydra writes the command line into .hydra/
+            refuse_credentials_in_uri(str(uri))
 
 
 def _variants(overrides: list[str]) -> list[list[str]]:

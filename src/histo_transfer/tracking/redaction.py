@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 
 # `\://`: Hydra escapes the colons of override values it passes to a sweep's jobs (`https\://u\:pw@host`)
-_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][\w+.-]*\\?://)[^/@\s]+@")
+# The user information runs to the host's last `@` (a password may hold an unencoded one).
+_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][\w+.-]*\\?://)[^/\s]+@")
 
 
 def redact_uri(text: str) -> str:
@@ -25,7 +26,10 @@ def redact_log_records() -> None:
 
     def redacted(*args, **kwargs) -> logging.LogRecord:
         record = make(*args, **kwargs)
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed call: logging reports it when the record is handled, as it would have
+            return record
         if "@" in message:
             record.msg, record.args = redact_uri(message), ()
         return record

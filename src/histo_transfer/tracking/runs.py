@@ -19,32 +19,38 @@ from histo_transfer.config.errors import Terminated, TrainingInterrupted, UserEr
 from histo_transfer.tracking import access
 from histo_transfer.tracking.outbox import QUEUE, Outbox, Unsent, few_retries, store_answers
 from histo_transfer.tracking.redaction import redact_uri
-from histo_transfer.tracking.schema import ERROR_ARTIFACT, EXPERIMENT_KIND_TAG
+from histo_transfer.tracking.schema import ERROR_ARTIFACT, EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
 
 log = logging.getLogger(__name__)
 
 
-EXPERIMENT_KIND = {EXPERIMENT_KIND_TAG: "custom_model_development"}  # the UI then opens on runs, not GenAI
-
-
-def setup(tracking_cfg) -> str:
+def setup(tracking_cfg, write: bool = True) -> str:
     """Point MLflow at the configured store and return the experiment's id, creating it if needed;
-    sets system-metrics sampling for the runs to come."""
+    sets system-metrics sampling for the runs to come. A server is asked first whether it is reachable,
+    trusted, knows us and (unless `write` is False: a task that only reads) lets us record runs."""
     uri = tracking_cfg.uri
     user = None
-    if uri.startswith(("http://", "https://")):  # a server: reachable, trusted, and knows us
-        uri = access.credentials_out_of_uri(uri)
+    if uri.startswith(("http://", "https://")):
+        access.refuse_credentials_in_uri(uri)
         access.check_server(uri)
         user = access.current_user(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_system_metrics_sampling_interval(tracking_cfg.get("system_metrics_interval", 10))
     name = tracking_cfg.experiment
-    experiment = mlflow.get_experiment_by_name(name)
+    try:
+        experiment = mlflow.get_experiment_by_name(name)
+    except MlflowException as exc:
+        if "403" not in str(exc):
+            raise
+        raise UserError(f"user '{user['username'] if user else '?'}' may not see experiment '{name}' of "
+                        f"{redact_uri(uri)}: ask an admin for EDIT on it, or use another (tracking.experiment=...)") from None
     if experiment is None:  # its creator may manage it
         try:
             return mlflow.create_experiment(name, artifact_location=artifact_location(uri), tags=EXPERIMENT_KIND)
         except MlflowException:  # created meanwhile by a parallel job
             experiment = mlflow.get_experiment_by_name(name)
+    if not write:
+        return experiment.experiment_id
     access.require_write_access(uri, user, experiment.experiment_id, name)
     if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an older version of this project
         mlflow.tracking.MlflowClient().set_experiment_tag(experiment.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
@@ -239,6 +245,9 @@ def sync_run(folder: Path, uri: str | None = None, wait_s: float = 0) -> str:
             raise UserError(f"the tracking server {redact_uri(outbox.uri)} does not answer; {len(outbox.pending)} "
                             f"record(s) stay in {folder}: run this again later (or with --wait SECONDS)")
         time.sleep(2)
+    if outbox.uri.startswith(("http://", "https://")):  # trusted, and it knows us (credentials from the environment)
+        access.check_server(outbox.uri)
+        access.current_user(outbox.uri)
     mlflow.set_tracking_uri(outbox.uri)
     mlflow.start_run(run_id=outbox.run_id)  # the logged model attaches to the active run
     if not outbox.flush():

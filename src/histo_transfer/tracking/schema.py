@@ -35,6 +35,7 @@ PARENT_TAG = "mlflow.parentRunId"  # nests a run under its parent in the UI
 NOTE_TAG = "mlflow.note.content"  # a run's description in the UI (markdown)
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # the UI opens an experiment on runs, not on GenAI traces
+EXPERIMENT_KIND = {EXPERIMENT_KIND_TAG: "custom_model_development"}  # what this project's experiments carry
 
 # Tags: this project's
 KIND_TAG = "kind"  # a RunKind

@@ -25,7 +25,7 @@ PLAIN = "probability"  # the out-of-fold predictions' column without test-time a
 
 def compare_from_config(cfg: DictConfig, context=None):
     """scripts/compare_cv.py: print the comparison of `cfg.runs` (the first is the baseline)."""
-    tracking.setup(cfg.tracking)
+    tracking.setup(cfg.tracking, write=False)  # it only reads runs
     refs = list(cfg.runs) if not isinstance(cfg.runs, str) else [cfg.runs]
     runs = [run_id for ref in refs for run_id in cv_runs_of(str(ref))]
     if len(runs) < 2:
