@@ -214,6 +214,22 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def free_port_pair() -> int:
+    """A free port whose next one is free too (scripts/slurm_local.sh puts slurmd on PORT+1): an ephemeral
+    port's neighbour is often the local end of some connection, and slurmd then fails to bind."""
+    import socket
+
+    for _ in range(100):
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two consecutive free ports on 127.0.0.1")
+
+
 @contextlib.contextmanager
 def loopback_server(command: list[str], ready, env: dict | None = None, timeout: float = 240):
     """Start a server in its own process group, wait until it is `ready` (a URL that answers, or a

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY_RUN, compose_config, free_port, loopback_server, run_cli, store_overrides
+from conftest import ROOT, TINY_RUN, compose_config, free_port, free_port_pair, loopback_server, run_cli, store_overrides
 from mlflow.tracking import MlflowClient
 
 pytestmark = [pytest.mark.scaleout, pytest.mark.slow]
@@ -219,7 +219,7 @@ def slurm_cluster(tmp_path):
         state = subprocess.run(["sinfo", "-h", "-o", "%T"], env={**os.environ, **env}, capture_output=True, text=True)
         return state.stdout.strip() == "idle"
 
-    with loopback_server([str(ROOT / "scripts" / "slurm_local.sh"), str(folder), str(free_port())], node_idle,
+    with loopback_server([str(ROOT / "scripts" / "slurm_local.sh"), str(folder), str(free_port_pair())], node_idle,
                          timeout=120):
         yield env
     assert processes_running_from(folder) == []  # job steps leave the process group: the script ends them too
