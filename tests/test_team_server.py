@@ -187,11 +187,6 @@ def test_no_request_reaches_runs_artifacts_or_the_registry_without_valid_credent
     assert own.headers.get("access-control-allow-origin") == team.uri
 
 
-def runs_in(team: TeamServer, experiment: str) -> list:
-    client = MlflowClient(team.uri)
-    return client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-
-
 @pytest.mark.scaleout
 @pytest.mark.slow
 @pytest.mark.parametrize("sweep", [[], ["-m", "trainer.seed=1,2"]], ids=["run", "sweep"])
@@ -213,7 +208,7 @@ def runs_in_as(team: TeamServer, user, experiment: str, monkeypatch) -> list:
     with monkeypatch.context() as scoped:
         for key, value in team.client_env(user).items():
             scoped.setenv(key, value)
-        return runs_in(team, experiment)
+        return _runs_or_none(MlflowClient(team.uri), experiment)
 
 
 @pytest.mark.scaleout

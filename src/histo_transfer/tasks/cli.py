@@ -49,14 +49,14 @@ def run(task: str, config_dir: Path) -> None:
         print(help_text(Path(sys.argv[0]).name, module.__doc__ or "", config_dir, config_name, args.overrides))
         return
     if not (args.help or args.hydra_help or args.version or args.info or args.cfg or args.shell_completion):
-        _guard(lambda: precheck(config_dir, config_name, args.overrides, module.validate))
+        exit_on_user_error(lambda: precheck(config_dir, config_name, args.overrides, module.validate))
 
     @hydra.main(config_path=str(config_dir), config_name=module.CONFIG_NAME, version_base="1.3")
     def main(cfg: DictConfig):
         redact_log_records()  # again: a launcher's job may run in a process of its own
         if getattr(module, "LOADS_TENSORFLOW", False):  # here, so its load-time banners can be dropped
             import_tensorflow_quietly()
-        return _guard(lambda: module.main(cfg, job_context()))
+        return exit_on_user_error(lambda: module.main(cfg, job_context()))
 
     # SIGTERM's default ends the process where it stands, a run left RUNNING; as an exception, runs end KILLED
     installed = threading.current_thread() is threading.main_thread()
@@ -148,7 +148,8 @@ def _variants(overrides: list[str]) -> list[list[str]]:
     return variants
 
 
-def _guard(action):
+def exit_on_user_error(action):
+    """Run `action`; a UserError (or SIGTERM outside training) becomes its one line and exit code."""
     try:
         return action()
     except UserError as exc:

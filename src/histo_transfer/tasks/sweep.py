@@ -12,16 +12,14 @@ import hashlib
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from histo_transfer.config.errors import UserError
 from histo_transfer.config.objective import Objective
-from histo_transfer.tasks.cli import PARENT_RUN_ENV
+from histo_transfer.tasks.cli import PARENT_RUN_ENV, exit_on_user_error
 from histo_transfer.tracking import runs as tracking
 from histo_transfer.tracking.parent_runs import PARENT_RUN_FILE, NewParent, ParentRun
 from histo_transfer.tracking.registry import register
@@ -30,22 +28,13 @@ from histo_transfer.tracking.schema import GIT_COMMIT_TAG, KIND_TAG, REGISTERED_
 log = logging.getLogger(__name__)
 
 
-def _setup_or_exit(tracking_cfg) -> str:
-    """As in a single run, a refusal (server away, untrusted, unknown user, READ only) is one line and its
-    exit code; raised from a callback, Hydra would print it as a traceback."""
-    try:
-        return tracking.setup(tracking_cfg)
-    except UserError as exc:
-        print(f"{exc.label}: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-
-
 class MlflowSweep(Callback):
     def __init__(self) -> None:
         self.parent = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        experiment_id = _setup_or_exit(config.tracking)
+        # raised from a callback, a refusal would be a traceback from Hydra: the CLI's one line instead
+        experiment_id = exit_on_user_error(lambda: tracking.setup(config.tracking))
         overrides = list(config.hydra.overrides.task)
         searched = {str(k): str(v) for k, v in (config.hydra.sweeper.get("params") or {}).items()}
 
@@ -89,7 +78,8 @@ class SlideSweep(Callback):
         self.parent = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        experiment_id = _setup_or_exit(config.tracking)
+        # raised from a callback, a refusal would be a traceback from Hydra: the CLI's one line instead
+        experiment_id = exit_on_user_error(lambda: tracking.setup(config.tracking))
         overrides = list(config.hydra.overrides.task)
         shown = tracking.redact_uri(" ".join(overrides)) or "(none)"
         tags = {KIND_TAG: RunKind.SLIDE_FOLDER.value, SLIDE_SOURCE_TAG: shown, "sweep_overrides": shown,

@@ -57,12 +57,12 @@ def check_server(uri: str, timeout: float = 3.0) -> None:
 def current_user(uri: str) -> dict | None:
     """The user the server's basic-auth app knows us as ({"username", "is_admin"}); None on a server
     without users. Wrong or missing credentials are a ConfigError."""
-    creds = get_default_host_creds(uri)
-    response = http_request(creds, "/api/2.0/mlflow/users/current", "GET", max_retries=0, timeout=10)
+    response = _call(uri, "/api/2.0/mlflow/users/current", "GET")
     if response.status_code == 404:
         return None
     if response.status_code == 401:
-        who = f"the user '{creds.username}'" if creds.username else "a request without a user name"
+        username = get_default_host_creds(uri).username
+        who = f"the user '{username}'" if username else "a request without a user name"
         raise ConfigError("tracking.uri", f"the tracking server {redact_uri(uri)} refused {who} (401, not "
                           f"authenticated): set {CREDENTIALS} to an account it knows")
     _refused(uri, response, "/api/2.0/mlflow/users/current")
@@ -83,10 +83,8 @@ def require_write_access(uri: str, user: dict | None, experiment_id: str, experi
     """Training records runs: a user who may only read the experiment is stopped before any run exists."""
     if user is None or user["is_admin"]:
         return
-    response = http_request(get_default_host_creds(uri), "/api/3.0/mlflow/users/permissions/get", "GET",
-                            max_retries=0, timeout=10, params={"username": user["username"],
-                                                               "resource_type": "experiment",
-                                                               "resource_id": experiment_id})
+    response = _call(uri, "/api/3.0/mlflow/users/permissions/get", "GET",
+                     params={"username": user["username"], "resource_type": "experiment", "resource_id": experiment_id})
     _refused(uri, response, "/api/3.0/mlflow/users/permissions/get")
     permission = response.json()["permission"]
     if permission not in WRITERS:
@@ -101,26 +99,23 @@ def require_write_access(uri: str, user: dict | None, experiment_id: str, experi
 PERMISSIONS = ("READ", "USE", "EDIT", "MANAGE", "NO_PERMISSIONS")
 
 
+def _call(uri: str, endpoint: str, method: str, **kwargs):
+    return http_request(get_default_host_creds(uri), endpoint, method, max_retries=0, timeout=30, **kwargs)
+
+
 def _admin_call(uri: str, endpoint: str, method: str, **kwargs) -> dict:
-    response = http_request(get_default_host_creds(uri), endpoint, method, max_retries=0, timeout=30, **kwargs)
+    response = _call(uri, endpoint, method, **kwargs)
     if response.status_code in (401, 403):
         raise UserError(f"{redact_uri(uri)} refused {endpoint} ({response.status_code}): set {CREDENTIALS} "
                         "to an admin's account")
-    if response.status_code != 200:
-        message = response.text
-        try:
-            message = response.json().get("message", message)
-        except ValueError:
-            pass
-        raise UserError(f"{redact_uri(uri)}: {endpoint} failed ({response.status_code}): {message.strip()[:300]}")
+    _refused(uri, response, endpoint)
     return response.json() if response.content else {}
 
 
 def _experiment_id(uri: str, name: str) -> str:
     """The experiment's id, made (by the admin) when nobody has recorded into it yet, so that its users
     can be granted before their first run."""
-    found = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/get-by-name", "GET",
-                         max_retries=0, timeout=30, params={"experiment_name": name})
+    found = _call(uri, "/api/2.0/mlflow/experiments/get-by-name", "GET", params={"experiment_name": name})
     if found.status_code == 404:
         return _admin_call(uri, "/api/2.0/mlflow/experiments/create", "POST",
                            json={"name": name, "tags": [{"key": k, "value": v} for k, v in EXPERIMENT_KIND.items()]})["experiment_id"]

@@ -25,7 +25,8 @@ import mlflow
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from histo_transfer.tracking.access import tls_verify
+from histo_transfer.config.errors import ConfigError
+from histo_transfer.tracking.access import check_server
 from histo_transfer.tracking.redaction import redact_uri
 from histo_transfer.tracking.schema import LOGGED_MODEL_NAME, MODEL_ARTIFACT, MODEL_SUMMARY_ARTIFACT
 
@@ -47,15 +48,15 @@ class Unsent(Exception):
 
 
 def store_answers(uri: str, timeout: float = 3.0) -> bool:
-    """A tracking server answers its /health; any other store (a SQLite file, a database) counts as there."""
+    """A tracking server answers its /health (over a connection this machine trusts); any other store
+    (a SQLite file, a database) counts as there."""
     if not uri.startswith(("http://", "https://")):
         return True
-    import requests  # MLflow's own HTTP client: it takes the user and password of http://user:pw@host
-
     try:
-        return requests.get(uri.rstrip("/") + "/health", timeout=timeout, verify=tls_verify()).status_code == 200
-    except requests.RequestException:
+        check_server(uri, timeout)
+    except ConfigError:
         return False
+    return True
 
 
 @contextlib.contextmanager
