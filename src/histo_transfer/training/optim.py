@@ -15,6 +15,8 @@ class OptimizerKeys:
     name: str
     lr: float = between(0, low_open=True)
     schedule: str = one_of(SCHEDULES)
+    ema: bool  # keep an exponential moving average of the weights: validated, checkpointed, saved
+    ema_momentum: float = between(0, 1, high_open=True)
 
 
 @dataclass
@@ -27,25 +29,31 @@ class SGDKeys(OptimizerKeys):
     momentum: float = between(0, 1, high_open=True)
 
 
+def _ema(cfg) -> dict:
+    """Keras optimizers' own weight averaging (`use_ema`); training.session.EMAWeightsInModel puts the
+    average in the model wherever the model is validated, checkpointed or saved."""
+    return {"use_ema": cfg.ema, "ema_momentum": cfg.ema_momentum}
+
+
 @OPTIMIZERS.register("adam", OptimizerKeys)
 def adam(cfg, learning_rate):
     import keras
 
-    return keras.optimizers.Adam(learning_rate)
+    return keras.optimizers.Adam(learning_rate, **_ema(cfg))
 
 
 @OPTIMIZERS.register("adamw", AdamWKeys)
 def adamw(cfg, learning_rate):
     import keras
 
-    return keras.optimizers.AdamW(learning_rate, weight_decay=cfg.weight_decay)
+    return keras.optimizers.AdamW(learning_rate, weight_decay=cfg.weight_decay, **_ema(cfg))
 
 
 @OPTIMIZERS.register("sgd", SGDKeys)
 def sgd(cfg, learning_rate):
     import keras
 
-    return keras.optimizers.SGD(learning_rate, momentum=cfg.momentum)
+    return keras.optimizers.SGD(learning_rate, momentum=cfg.momentum, **_ema(cfg))
 
 
 @dataclass

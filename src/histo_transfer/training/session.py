@@ -79,6 +79,25 @@ class BestEpoch(keras.callbacks.Callback):
             self.model.set_weights(self.weights)
 
 
+class EMAWeightsInModel(keras.callbacks.SwapEMAWeights):
+    """With `optimizer.ema`, the optimizer's moving average of the weights is in the model whenever it is
+    validated and at every epoch's end (so BestEpoch, checkpoints and the saved model hold the average);
+    training steps run on the raw weights, which wait in the optimizer's average slots meanwhile.
+
+    Goes first among the callbacks: BatchNorm recalibration must see the averaged weights. A checkpoint
+    is written at an epoch's end, the average in the model: a run resumed from it says `ema_in_model`.
+    """
+
+    def __init__(self, ema_in_model: bool = False):
+        super().__init__(swap_on_epoch=True)
+        self._ema_weights_in_model = ema_in_model
+
+
+def uses_ema(model) -> bool:
+    optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)  # under a loss-scale wrapper
+    return bool(getattr(optimizer, "use_ema", False))
+
+
 class BatchNormRecalibration(keras.callbacks.Callback):
     """Before each validation, sets the moving statistics of every BatchNorm layer that trains to the
     plain average over a few training batches ("precise BN", Wu & Johnson 2021).
@@ -234,9 +253,10 @@ class TrainingSession:
         return SCHEDULES[self.cfg.optimizer.schedule](self.cfg.optimizer, 0, self.objective).callbacks
 
     def fit(self, model, *, epochs: int | None = None, initial_epoch: int = 0, best: BestEpoch | None = None,
-            callbacks=(), after_best=(), profile_dir: Path | None = None) -> FitResult:
+            callbacks=(), after_best=(), profile_dir: Path | None = None, from_checkpoint: bool = False) -> FitResult:
         """Train up to `epochs` (default trainer.epochs; 0: only evaluate) and leave the best epoch's
-        weights in `model`. `after_best` callbacks see the best epoch updated (checkpoints, logging)."""
+        weights in `model`. `after_best` callbacks see the best epoch updated (checkpoints, logging).
+        `from_checkpoint`: `model` is an epoch-end checkpoint (optimizer state and all) of this session."""
         trainer = self.cfg.trainer
         epochs = trainer.epochs if epochs is None else epochs
         val_ds = self.val_dataset()
@@ -244,7 +264,8 @@ class TrainingSession:
             scores = {f"val_{k}": float(v) for k, v in model.evaluate(val_ds, return_dict=True, verbose=0).items()}
             return FitResult(0, scores, {k: [v] for k, v in scores.items()})
         best = best or BestEpoch(self.objective)
-        every = [*callbacks]
+        every = [EMAWeightsInModel(ema_in_model=from_checkpoint)] if uses_ema(model) else []
+        every += callbacks
         if trainer.bn_recalibration_batches:
             every.append(BatchNormRecalibration(self._recalibration_batches))
         every += [best, *after_best]

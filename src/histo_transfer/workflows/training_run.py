@@ -227,7 +227,7 @@ def _fit(cfg: DictConfig, started: _Started, built: _Built, checkpoints: Checkpo
         _log_augmentation_examples(session, outbox)
     profile = outbox.staging(PROFILE_DIR) if cfg.trainer.profile_batches else None
     result = session.fit(built.model, initial_epoch=progress.epoch, best=built.best, callbacks=built.callbacks,
-                         after_best=after_best, profile_dir=profile)
+                         after_best=after_best, profile_dir=profile, from_checkpoint=started.resumed)
     if profile is not None and any(profile.iterdir()):
         outbox.artifacts(profile, PROFILE_DIR)
     if progress.history:  # the whole run's curves, also across an interruption
