@@ -1,6 +1,9 @@
-"""Weight averaging: `optimizer.ema` (Keras optimizers' own moving average of the weights)."""
+"""Weight averaging: `optimizer.ema` (Keras optimizers' own moving average of the weights) and
+`trainer.swa` (the mean of the last epochs' weights, BatchNorm recomputed)."""
 
 from __future__ import annotations
+
+import json
 
 import keras
 import numpy as np
@@ -9,15 +12,26 @@ from conftest import TINY_RUN, compose_config, run_cli, store_overrides
 from mlflow.tracking import MlflowClient
 
 from histo_transfer.data.loading import load_training_data
-from histo_transfer.training.session import TrainingSession
+from histo_transfer.training.checkpoints import Checkpoints, EpochCheckpoint, Progress, ResumeState
+from histo_transfer.training.session import BestEpoch, TrainingSession, WeightAveraging
 
 EMA = ["optimizer.ema=true", "optimizer.ema_momentum=0.9", "head.dropout=0.0"]  # no dropout: runs repeat exactly
+SWA = ["trainer.epochs=3", "trainer.swa=2", "head.dropout=0.0"]
+
+
+def _session(tmp_path_factory, overrides):
+    cfg = compose_config([*TINY_RUN, *store_overrides(tmp_path_factory.mktemp("averaging")), *overrides])
+    return TrainingSession(cfg, load_training_data(cfg.data))
 
 
 @pytest.fixture(scope="module")
 def session(tmp_path_factory):
-    cfg = compose_config([*TINY_RUN, *store_overrides(tmp_path_factory.mktemp("ema")), *EMA])
-    return TrainingSession(cfg, load_training_data(cfg.data))
+    return _session(tmp_path_factory, EMA)
+
+
+@pytest.fixture(scope="module")
+def swa_session(tmp_path_factory):
+    return _session(tmp_path_factory, SWA)
 
 
 class _Record(keras.callbacks.Callback):
@@ -26,14 +40,24 @@ class _Record(keras.callbacks.Callback):
 
     def __init__(self):
         super().__init__()
-        self.raw, self.average, self.epoch_end = None, None, {}
+        self.raw, self.average, self.epoch_end, self.statistics = None, None, {}, {}
 
     def on_train_batch_end(self, batch, logs=None):
         self.raw = [v.numpy() for v in self.model.trainable_variables]
-        self.average = [v.numpy() for v in self.model.optimizer._model_variables_moving_average]
+        averages = getattr(self.model.optimizer, "_model_variables_moving_average", [])  # optimizer.ema only
+        self.average = [v.numpy() for v in averages]
 
     def on_epoch_end(self, epoch, logs=None):
         self.epoch_end[epoch] = [v.numpy() for v in self.model.trainable_variables]
+        self.statistics[epoch] = _batchnorm_statistics(self.model)
+
+
+def _batchnorm_statistics(model):
+    return [v.numpy() for v in model.non_trainable_variables if "moving" in v.path]
+
+
+def _trainable(model):
+    return [v.numpy() for v in model.trainable_variables]
 
 
 def _new_model(session):
@@ -51,7 +75,7 @@ def test_the_averaged_weights_are_validated_and_kept_and_differ_from_the_raw_one
     model, callbacks = _new_model(session)
     record = _Record()
     result = session.fit(model, epochs=1, callbacks=[*callbacks], after_best=[record])
-    kept = [v.numpy() for v in model.trainable_variables]
+    kept = _trainable(model)
     assert _same(kept, record.average)  # the model leaves fit with the optimizer's average ...
     assert _same(record.epoch_end[0], record.average)  # ... which is what an epoch's end hands on
     assert not _same(kept, record.raw, atol=1e-4)  # and it is not the last step's raw weights
@@ -75,12 +99,46 @@ def test_a_run_resumed_from_its_checkpoint_averages_as_if_never_stopped(session,
 
 
 @pytest.mark.slow
-def test_train_py_with_ema_records_it_and_saves_the_average(tmp_path):
-    result = run_cli([*TINY_RUN, *store_overrides(tmp_path), *EMA])
+def test_swa_keeps_the_mean_of_the_last_epochs_with_batchnorm_recomputed(swa_session):
+    model, callbacks = _new_model(swa_session)
+    record = _Record()
+    result = swa_session.fit(model, callbacks=[*callbacks], after_best=[record])
+    assert (result.averaged_epochs, result.best_epoch) == (2, 3)
+    mean = [(second + third) / 2 for second, third in zip(record.epoch_end[1], record.epoch_end[2])]
+    assert _same(_trainable(model), mean)
+    assert not _same(_batchnorm_statistics(model), record.statistics[2], atol=1e-4)  # recomputed for the mean
+    again = model.evaluate(swa_session.val_dataset(), return_dict=True, verbose=0)
+    assert again["auc"] == pytest.approx(result.best["val_auc"], abs=1e-6)  # the scores are the mean's
+
+
+@pytest.mark.slow
+def test_swa_resumed_from_a_checkpoint_continues_the_sum(swa_session, tmp_path):
+    def fit(model, resumed: ResumeState | None = None):
+        progress = resumed.progress if resumed else Progress("run", 0)
+        best = BestEpoch(swa_session.objective, progress.best_epoch, progress.best_logs,
+                         resumed.best_weights() if resumed else None)
+        averaging = WeightAveraging.for_trainer(swa_session.cfg.trainer, resumed and resumed.averaged_sum(),
+                                                progress.averaged_epochs)
+        swa_session.fit(model, initial_epoch=progress.epoch, best=best, averaging=averaging,
+                        after_best=[EpochCheckpoint(checkpoints, best, progress, averaging)])
+        return _trainable(model)
+
+    checkpoints = Checkpoints(tmp_path, "run")
+    straight = fit(_new_model(swa_session)[0])
+    folder = checkpoints.folder / "epoch_0002"  # kept: the last epoch's state and the one before
+    state = ResumeState(Progress(**json.loads((folder / "progress.json").read_text())), folder)
+    assert state.progress.averaged_epochs == 1 and len(state.averaged_sum()) == len(straight)
+    assert _same(fit(state.model(), state), straight, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_train_py_with_ema_and_swa_records_them_and_saves_the_average(tmp_path):
+    result = run_cli([*TINY_RUN, *store_overrides(tmp_path), *EMA, *SWA])
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     [run] = client.search_runs(["1"])
     assert run.info.status == "FINISHED"
-    assert (run.data.params["optimizer.ema"], run.data.params["optimizer.ema_momentum"]) == ("True", "0.9")
+    assert (run.data.params["optimizer.ema"], run.data.params["trainer.swa"]) == ("True", "2")
+    assert run.data.metrics["swa_epochs"] == 2 and "for the average of epochs 2-3" in run.data.tags["mlflow.note.content"]
     model = keras.models.load_model(client.download_artifacts(run.info.run_id, "model/model.keras", str(tmp_path)))
     assert model.optimizer.use_ema  # the saved model carries the optimizer that averaged it

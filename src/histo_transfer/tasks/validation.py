@@ -46,6 +46,7 @@ class TrainerKeys:
     steps_per_epoch: Optional[int] = between(1)
     overfit_batches: int = between(0)
     bn_recalibration_batches: int = between(0)
+    swa: int = between(0)
     profile_batches: Optional[List[int]]
     progress: str = one_of(("auto", "bar", "epoch", "none"))
 

@@ -1,5 +1,5 @@
 """Resumable training state: after every epoch, the model with its optimizer, the best epoch's
-weights and the run's progress, written as one folder that appears whole or not at all, with a
+weights, the sum of the epochs averaged so far (trainer.swa) and the run's progress, written as one folder that appears whole or not at all, with a
 checksum of each file. The last two epochs are kept: a state that a crash, a full disk or a bad
 sector left damaged is found by its checksums, and resuming falls back to the one before.
 
@@ -25,6 +25,7 @@ from histo_transfer.config.errors import DiskFull
 log = logging.getLogger(__name__)
 
 MODEL_FILE, BEST_FILE, PROGRESS_FILE = "state.keras", "best_weights.npz", "progress.json"
+AVERAGED_FILE = "averaged_weights_sum.npz"  # trainer.swa: the sum of the epochs averaged so far
 CHECKSUMS_FILE = "checksums.json"  # sha256 of every other file of the folder
 
 
@@ -35,6 +36,7 @@ class Progress:
     best_epoch: int = 0
     best_logs: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)  # one entry per completed epoch, lr included
+    averaged_epochs: int = 0  # trainer.swa: how many epochs the stored sum holds
 
 
 @dataclass
@@ -49,11 +51,17 @@ class ResumeState:
         return keras.models.load_model(self.folder / MODEL_FILE)
 
     def best_weights(self) -> list | None:
-        path = self.folder / BEST_FILE
-        if not path.exists():
-            return None
-        with np.load(path) as stored:
-            return [stored[f"arr_{i}"] for i in range(len(stored.files))]
+        return _arrays(self.folder / BEST_FILE)
+
+    def averaged_sum(self) -> list | None:
+        return _arrays(self.folder / AVERAGED_FILE)
+
+
+def _arrays(path: Path) -> list | None:
+    if not path.exists():
+        return None
+    with np.load(path) as stored:
+        return [stored[f"arr_{i}"] for i in range(len(stored.files))]
 
 
 class Checkpoints:
@@ -74,7 +82,8 @@ class Checkpoints:
                         "falling back to the epoch before" if folder != complete[-1] else "no earlier state is left")
         return None
 
-    def save(self, model: keras.Model, best_weights: list | None, progress: Progress) -> None:
+    def save(self, model: keras.Model, best_weights: list | None, progress: Progress,
+             averaged_sum: list | None = None) -> None:
         final = self.folder / f"epoch_{progress.epoch:04d}"
         staging = self.folder / f".epoch_{progress.epoch:04d}.partial"
         shutil.rmtree(staging, ignore_errors=True)
@@ -83,6 +92,8 @@ class Checkpoints:
             model.save(staging / MODEL_FILE)  # weights and optimizer state
             if best_weights is not None:
                 np.savez(staging / BEST_FILE, *best_weights)
+            if averaged_sum is not None:
+                np.savez(staging / AVERAGED_FILE, *averaged_sum)
             (staging / PROGRESS_FILE).write_text(json.dumps(progress.__dict__))
             sums = {path.name: _sha256(path) for path in sorted(staging.iterdir())}
             (staging / CHECKSUMS_FILE).write_text(json.dumps(sums, indent=1))
@@ -156,11 +167,12 @@ def _damage(folder: Path) -> str | None:
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
-    """Saves the state after each epoch; placed after BestEpoch so the best weights are current."""
+    """Saves the state after each epoch; placed after BestEpoch (and WeightAveraging) so the best weights
+    (and the averaged sum) are current."""
 
-    def __init__(self, checkpoints: Checkpoints, best, progress: Progress):
+    def __init__(self, checkpoints: Checkpoints, best, progress: Progress, averaging=None):
         super().__init__()
-        self.checkpoints, self.best, self.progress = checkpoints, best, progress
+        self.checkpoints, self.best, self.progress, self.averaging = checkpoints, best, progress, averaging
 
     def on_epoch_end(self, epoch, logs=None):
         entry = {k: float(v) for k, v in (logs or {}).items()}
@@ -168,4 +180,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.progress.history.append(entry)
         self.progress.epoch = epoch + 1
         self.progress.best_epoch, self.progress.best_logs = self.best.best_epoch, self.best.best_logs
-        self.checkpoints.save(self.model, self.best.weights, self.progress)
+        averaged_sum = None
+        if self.averaging is not None:
+            self.progress.averaged_epochs, averaged_sum = self.averaging.count, self.averaging.total
+        self.checkpoints.save(self.model, self.best.weights, self.progress, averaged_sum)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from histo_transfer.config.errors import Terminated
@@ -43,10 +44,13 @@ class FitResult:
     best_epoch: int  # 1-based; 0 = the untrained model (trainer.epochs=0)
     best: dict[str, float]  # the validation metrics of the best epoch
     history: dict[str, list[float]] = field(default_factory=dict)
+    averaged_epochs: int = 0  # trainer.swa: `best` scores the average of this many last epochs
 
     def best_metrics(self) -> dict[str, float]:
-        """What a run records about its result: `best_epoch` and `best_<val metric>`."""
-        return {"best_epoch": self.best_epoch, **{f"best_{k}": v for k, v in self.best.items()}}
+        """What a run records about its result: `best_epoch` and `best_<val metric>` (and, averaged,
+        `swa_epochs`)."""
+        averaged = {"swa_epochs": self.averaged_epochs} if self.averaged_epochs else {}
+        return {"best_epoch": self.best_epoch, **{f"best_{k}": v for k, v in self.best.items()}, **averaged}
 
 
 class BestEpoch(keras.callbacks.Callback):
@@ -118,17 +122,49 @@ class BatchNormRecalibration(keras.callbacks.Callback):
     def on_test_begin(self, logs=None):
         if self.epoch is None:
             return  # an evaluate() outside fit
-        layers = [layer for layer in self.model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
-        momenta = [layer.momentum for layer in layers]
-        try:
-            for count, (images, _) in enumerate(self.batches_of_epoch(self.epoch)):
-                for layer in layers:  # the k-th batch gets weight 1/(k+1): a running plain mean
-                    layer.momentum = count / (count + 1)
-                self.model(images, training=True)
-        finally:
-            for layer, momentum in zip(layers, momenta):
-                layer.momentum = momentum
+        recalibrate_batchnorm(self.model, self.batches_of_epoch(self.epoch))
         self.epoch = None
+
+
+def recalibrate_batchnorm(model, batches) -> None:
+    """Moving statistics of `model`'s training BatchNorm layers = the plain mean over `batches`."""
+    layers = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    momenta = [layer.momentum for layer in layers]
+    try:
+        for count, (images, _) in enumerate(batches):
+            for layer in layers:  # the k-th batch gets weight 1/(k+1): a running plain mean
+                layer.momentum = count / (count + 1)
+            model(images, training=True)
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+
+
+class WeightAveraging(keras.callbacks.Callback):
+    """trainer.swa: sums the weights at the end of each epoch from `first_epoch` (1-based) on, the
+    averaged ones when optimizer.ema is on; TrainingSession.fit makes their mean the model's weights
+    (stochastic weight averaging, Izmailov et al. 2018). A resumed run starts from the stored sum."""
+
+    def __init__(self, first_epoch: int, total: list | None = None, count: int = 0):
+        super().__init__()
+        self.first_epoch, self.total, self.count = first_epoch, total, count
+
+    @classmethod
+    def for_trainer(cls, trainer, total: list | None = None, count: int = 0) -> "WeightAveraging | None":
+        if not trainer.swa:
+            return None
+        return cls(max(1, trainer.epochs - trainer.swa + 1), total, count)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 < self.first_epoch:
+            return
+        weights = [np.asarray(v.numpy(), np.float64) for v in self.model.trainable_variables]
+        self.total = weights if self.total is None else [t + w for t, w in zip(self.total, weights)]
+        self.count += 1
+
+    def apply(self, model) -> None:
+        for variable, total in zip(model.trainable_variables, self.total):
+            variable.assign((total / self.count).astype(variable.dtype))
 
 
 class ProfileBatches(keras.callbacks.Callback):
@@ -253,9 +289,11 @@ class TrainingSession:
         return SCHEDULES[self.cfg.optimizer.schedule](self.cfg.optimizer, 0, self.objective).callbacks
 
     def fit(self, model, *, epochs: int | None = None, initial_epoch: int = 0, best: BestEpoch | None = None,
-            callbacks=(), after_best=(), profile_dir: Path | None = None, from_checkpoint: bool = False) -> FitResult:
+            callbacks=(), after_best=(), profile_dir: Path | None = None, from_checkpoint: bool = False,
+            averaging: WeightAveraging | None = None) -> FitResult:
         """Train up to `epochs` (default trainer.epochs; 0: only evaluate) and leave the best epoch's
-        weights in `model`. `after_best` callbacks see the best epoch updated (checkpoints, logging).
+        weights in `model`, or with trainer.swa the average of the last epochs' (BatchNorm recomputed).
+        `after_best` callbacks see the best epoch and the average updated (checkpoints, logging).
         `from_checkpoint`: `model` is an epoch-end checkpoint (optimizer state and all) of this session."""
         trainer = self.cfg.trainer
         epochs = trainer.epochs if epochs is None else epochs
@@ -268,7 +306,8 @@ class TrainingSession:
         every += callbacks
         if trainer.bn_recalibration_batches:
             every.append(BatchNormRecalibration(self._recalibration_batches))
-        every += [best, *after_best]
+        averaging = averaging or WeightAveraging.for_trainer(trainer)
+        every += [best, *([averaging] if averaging else []), *after_best]
         if trainer.early_stopping_patience > 0:
             every.append(keras.callbacks.EarlyStopping(monitor=self.objective.metric, mode=self.objective.mode,
                                                        patience=trainer.early_stopping_patience))
@@ -279,12 +318,28 @@ class TrainingSession:
                                 initial_epoch=initial_epoch, steps_per_epoch=self.steps,
                                 callbacks=[*every, stop_on_interrupt], shuffle=False,
                                 verbose=progress_verbosity(trainer.progress))
-        return FitResult(best.best_epoch, best.best_logs,
-                         {k: [float(v) for v in values] for k, values in history.history.items()})
+        curves = {k: [float(v) for v in values] for k, values in history.history.items()}
+        if averaging is None:
+            return FitResult(best.best_epoch, best.best_logs, curves)
+        return self._averaged(model, averaging, initial_epoch + len(history.epoch), best, curves)
+
+    def _averaged(self, model, averaging: WeightAveraging, last_epoch: int, best: BestEpoch, curves) -> FitResult:
+        """The average of the epochs `averaging` summed, BatchNorm statistics recomputed for it (over
+        bn_recalibration_batches training batches, a whole epoch's if that is 0), validated."""
+        if not averaging.count:
+            log.warning("trainer.swa: training stopped after epoch %d, before epoch %d, the first to average: "
+                        "the best epoch is kept", last_epoch, averaging.first_epoch)
+            return FitResult(best.best_epoch, best.best_logs, curves)
+        averaging.apply(model)
+        recalibrate_batchnorm(model, self._recalibration_batches(last_epoch))
+        scores = model.evaluate(self.val_dataset(), return_dict=True, verbose=0)
+        log.info("trainer.swa: the average of epochs %d-%d scores %s", last_epoch - averaging.count + 1, last_epoch,
+                 ", ".join(f"val_{k} {v:.4f}" for k, v in scores.items()))
+        return FitResult(last_epoch, {f"val_{k}": float(v) for k, v in scores.items()}, curves, averaging.count)
 
     def _recalibration_batches(self, epoch: int) -> tf.data.Dataset:
         # its own seed stream, so recalibrating never shifts the training batches' order
         return make_dataset(self.data.images, self.data.labels, self.train_indices, self.cfg.trainer.batch_size,
                             shuffle=True, augment=self.augment, seed=self.cfg.trainer.seed + 7919,
-                            epochs=(epoch, epoch + 1)).take(self.cfg.trainer.bn_recalibration_batches)
+                            epochs=(epoch, epoch + 1)).take(self.cfg.trainer.bn_recalibration_batches or -1)  # 0: all
 

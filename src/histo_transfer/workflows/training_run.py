@@ -52,7 +52,13 @@ from histo_transfer.tracking.schema import (
 )
 from histo_transfer.training.checkpoints import Checkpoints, EpochCheckpoint, Progress, ResumeState
 from histo_transfer.training.distribution import make_strategy
-from histo_transfer.training.session import BestEpoch, FitResult, TrainingSession, configure_precision
+from histo_transfer.training.session import (
+    BestEpoch,
+    FitResult,
+    TrainingSession,
+    WeightAveraging,
+    configure_precision,
+)
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +185,7 @@ class _Built:
     callbacks: list
     best: BestEpoch
     weights_source: str | None
-
+    averaging: WeightAveraging | None  # trainer.swa
 
 def _start(cfg: DictConfig, context: RunContext, run_id: str, resumed: ResumeState | None, fold: Fold | None,
            outbox: Outbox, strategy) -> _Started:
@@ -212,22 +218,25 @@ def _build(started: _Started, resumed: ResumeState | None) -> _Built:
     if resumed is None:
         model, backbone, callbacks = session.build_model()
         mlflow.set_tag(WEIGHTS_SOURCE_TAG, backbone.weights_source)
-        return _Built(model, callbacks, BestEpoch(session.objective), backbone.weights_source)
+        return _Built(model, callbacks, BestEpoch(session.objective), backbone.weights_source,
+                      WeightAveraging.for_trainer(session.cfg.trainer))
     return _Built(resumed.model(), session.schedule_callbacks(),
                   BestEpoch(session.objective, progress.best_epoch, progress.best_logs, resumed.best_weights()),
-                  mlflow.get_run(started.run_id).data.tags.get(WEIGHTS_SOURCE_TAG))
+                  mlflow.get_run(started.run_id).data.tags.get(WEIGHTS_SOURCE_TAG),
+                  WeightAveraging.for_trainer(session.cfg.trainer, resumed.averaged_sum(), progress.averaged_epochs))
 
 
 def _fit(cfg: DictConfig, started: _Started, built: _Built, checkpoints: Checkpoints, outbox: Outbox) -> FitResult:
     """The session's fit, checkpointed and logged after every epoch; the profile when asked for."""
     session, progress = started.session, started.progress
-    after_best = (EpochCheckpoint(checkpoints, built.best, progress),
+    after_best = (EpochCheckpoint(checkpoints, built.best, progress, built.averaging),
                   tracking.epoch_metrics_callback(EPOCH_METRICS, session.steps * cfg.trainer.batch_size, outbox.metrics))
     if not started.resumed:
         _log_augmentation_examples(session, outbox)
     profile = outbox.staging(PROFILE_DIR) if cfg.trainer.profile_batches else None
     result = session.fit(built.model, initial_epoch=progress.epoch, best=built.best, callbacks=built.callbacks,
-                         after_best=after_best, profile_dir=profile, from_checkpoint=started.resumed)
+                         after_best=after_best, profile_dir=profile, from_checkpoint=started.resumed,
+                         averaging=built.averaging)
     if profile is not None and any(profile.iterdir()):
         outbox.artifacts(profile, PROFILE_DIR)
     if progress.history:  # the whole run's curves, also across an interruption
@@ -248,12 +257,15 @@ def _finish(cfg: DictConfig, started: _Started, built: _Built, result: FitResult
     _log_evaluation(model, session, result, outbox)
     outbox.keras_model(model, session.data.images[session.data.val_indices[:4]])
     objective, best = session.objective, result.best[session.objective.metric]
+    scored = (f"{objective.metric} **{best:.4f}** for the average of epochs "
+              f"{result.best_epoch - result.averaged_epochs + 1}-{result.best_epoch}" if result.averaged_epochs else
+              f"Best {objective.metric} **{best:.4f}** at epoch {result.best_epoch} of {cfg.trainer.epochs}")
     outbox.tags({NOTE_TAG: "\n".join([
         f"**{cfg.backbone.name}** (weights: {built.weights_source}, "
         f"{cfg.backbone.input_size} px) on **{cfg.data.name}** `{session.data.root}`: {len(session.train_indices):,} "
         f"training and {len(session.val_indices):,} validation patches.",
-        f"Best {objective.metric} **{best:.4f}** at epoch {result.best_epoch} of {cfg.trainer.epochs}; "
-        f"{time.perf_counter() - started.clock:.0f} s of wall time" + (" since the resume." if started.resumed else "."),
+        f"{scored}; {time.perf_counter() - started.clock:.0f} s of wall time"
+        + (" since the resume." if started.resumed else "."),
     ])})
     log.info("run %s finished: best %s %.4f at epoch %d", started.run_id, objective.metric, best, result.best_epoch)
     return best
