@@ -226,6 +226,24 @@ def test_exported_ensemble_reloads_alone_and_equals_the_members_mean(cv_run, tmp
 
 
 @pytest.mark.slow
+def test_a_student_distilled_from_the_fold_ensemble_is_one_model(cv_run):
+    """distill.teacher = the CV parent: the folds' mean (with flips) teaches one model of one model's size."""
+    from histo_transfer.tasks.train import main as train
+    from histo_transfer.tracking.registry import load_model
+
+    folds = [f.info.run_id for f in cv_run["folds"]]
+    cfg = compose_config([*TINY_RUN, *store_overrides(cv_run["tmp"]), "tracking.experiment=students",
+                          f"distill.teacher={cv_run['parent'].info.run_id}", "distill.tta=flips"])
+    train(cfg)
+    client = cv_run["client"]
+    [student] = client.search_runs([client.get_experiment_by_name("students").experiment_id])
+    assert student.info.status == "FINISHED" and student.data.tags["distill_teacher_members"] == ",".join(folds)
+    mlflow.set_tracking_uri(cv_run["uri"])
+    one = load_model(student.info.run_id).model
+    assert one.count_params() == load_model(folds[0]).model.count_params()  # one model, not the ensemble
+
+
+@pytest.mark.slow
 def test_compare_cv_pairs_recipes_on_the_same_out_of_fold_patches(cv_run):
     from histo_transfer.workflows.comparison import compare
 

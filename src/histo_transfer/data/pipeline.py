@@ -17,7 +17,8 @@ READ_CHUNK = 256  # records decoded per step
 def make_dataset(images, labels: np.ndarray, indices: np.ndarray, batch_size: int, *,
                  shuffle: bool = False, augment=None, seed: int = 0, epochs: tuple[int, int] = (0, 1),
                  steps: int | None = None) -> tf.data.Dataset:
-    """Batches of (RGB 0-255 uint8 images, float32 (B, 1) labels) of the patches `indices`.
+    """Batches of (RGB 0-255 uint8 images, float32 (B, 1) labels) of the patches `indices`; `labels` of
+    shape (N, k) give (B, k) targets.
 
     A memory-mapped cache is read by TensorFlow itself, record by record, never through Python: a
     Python step inside tf.data (numpy_function) can deadlock when Keras drops an iterator while that
@@ -50,8 +51,8 @@ def make_dataset(images, labels: np.ndarray, indices: np.ndarray, batch_size: in
         order = np.flatnonzero(wanted)  # an array in memory (tests, small sets)
         return tf.data.Dataset.from_tensor_slices((order, np.asarray(images)[order]))
 
-    def labelled(index, image):
-        return image, tf.gather(labels_t, index)[:, None]
+    def labelled(index, image):  # (B, 1); (B, k) for targets of k columns (a label and a teacher's)
+        return image, tf.reshape(tf.gather(labels_t, index), (tf.shape(index)[0], -1))
 
     if not shuffle:
         return patches().batch(batch_size).map(labelled).prefetch(tf.data.AUTOTUNE)

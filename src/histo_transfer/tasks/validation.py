@@ -23,7 +23,7 @@ from histo_transfer.config.objective import ObjectiveKeys
 from histo_transfer.config.options import between, check_keys, one_of
 from histo_transfer.data.augment import AUGMENTATIONS
 from histo_transfer.data.sources import SOURCES
-from histo_transfer.evaluation.inference import COMBINE
+from histo_transfer.evaluation.inference import COMBINE, TTA
 from histo_transfer.models.backbones import BACKBONES
 from histo_transfer.training.distribution import STRATEGIES
 from histo_transfer.training.optim import OPTIMIZERS
@@ -68,6 +68,16 @@ class TrackingKeys:
     system_metrics: bool
     system_metrics_interval: float = between(0, low_open=True)
     outage_limit_s: float = between(0)
+
+
+@dataclass
+class DistillKeys:
+    teacher: Optional[Any]  # a model reference or a list of them
+    tta: str = one_of(TTA)
+    top_k: int = between(1)
+    method: str = one_of(COMBINE)
+    alpha: float = between(0, 1)
+    temperature: float = between(0, low_open=True)
 
 
 @dataclass
@@ -122,6 +132,9 @@ def _check_training(cfg: DictConfig) -> None:
     _check_profile(cfg.trainer.profile_batches)
     check_keys(cfg.head, HeadKeys, "head")
     check_keys(cfg.objective, ObjectiveKeys, "objective")
+    check_keys(cfg.distill, DistillKeys, "distill")
+    if cfg.distill.teacher is not None and cfg.get("tuner") is not None:
+        raise ConfigError("distill.teacher", "a keras-tuner search (tuner=...) does not distil; drop one")
     if cfg.get("tuner") is not None:
         TUNERS.validate(cfg.tuner)
     if cfg.get("cv") is not None:

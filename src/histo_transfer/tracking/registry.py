@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,23 @@ def member_refs(ref, top_k: int = 5) -> list[str]:
     if not children:
         raise ConfigError("model", f"{kind} run {ref} has no finished training run with a model")
     return [child.info.run_id for child in children]
+
+
+def pinned_ref(ref: str) -> str:
+    """`ref` as it stands now, for a key that must change when what it names changes: an alias becomes
+    `models:/NAME/VERSION`, a .keras file its path with the sha256 of its bytes; run ids stay."""
+    ref = str(ref)
+    if ref.startswith("models:/") and "@" in ref:
+        name, alias = ref.removeprefix("models:/").split("@", 1)
+        try:
+            version = mlflow.tracking.MlflowClient().get_model_version_by_alias(name, alias).version
+        except MlflowException as exc:
+            raise ConfigError("model", f"{ref}: {exc.message.splitlines()[0]}") from exc
+        return f"models:/{name}/{version}"
+    path = Path(ref).expanduser()
+    if not ref.startswith("models:/") and not RUN_ID.match(ref) and path.is_file():
+        return f"{path.resolve()} sha256:{hashlib.sha256(path.read_bytes()).hexdigest()}"
+    return ref
 
 
 def load_models(ref, top_k: int = 5) -> list[LoadedModel]:

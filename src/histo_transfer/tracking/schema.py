@@ -54,6 +54,8 @@ BEST_IN_SWEEP_TAG = "best_in_sweep"
 REGISTERED_MODEL_TAG = "registered_model"
 SLIDE_PATH_TAG = "slide_path"
 SLIDE_SOURCE_TAG = "slides"  # a slide folder's DIR or glob, as given
+TEACHER_TAG = "distill_teacher"  # distill.teacher as given
+TEACHER_MEMBERS_TAG = "distill_teacher_members"  # what it named when the run started (aliases pinned)
 
 # Params every training run logs (its flattened config) that readers look up by name
 OBJECTIVE_METRIC_PARAM = "objective.metric"

@@ -22,6 +22,7 @@ from histo_transfer.data.augment import build_augmentation
 from histo_transfer.data.loading import TrainingData
 from histo_transfer.data.pipeline import make_dataset, steps_per_epoch
 from histo_transfer.models.classifier import build_classifier
+from histo_transfer.training.distillation import DistillationLoss, LabelAccuracy, LabelAUC
 from histo_transfer.training.optim import SCHEDULES, build_optimizer
 
 log = logging.getLogger(__name__)
@@ -250,8 +251,11 @@ def progress_verbosity(progress: str) -> int:
 class TrainingSession:
     """The data of one training (a run, a trial, a fold), its datasets, model and fit loop."""
 
-    def __init__(self, cfg, data: TrainingData):
-        self.cfg, self.data = cfg, data
+    def __init__(self, cfg, data: TrainingData, teacher: np.ndarray | None = None):
+        """`teacher`: a teacher's probability for every patch of `data` (distill.teacher), trained
+        against beside the labels."""
+        self.cfg, self.data, self.teacher = cfg, data, teacher
+        self.targets = data.labels if teacher is None else np.stack([data.labels, teacher], axis=1)
         self.objective = Objective.from_config(cfg.objective)
         trainer = cfg.trainer
         self.train_indices, self.val_indices = data.train_indices, data.val_indices
@@ -264,7 +268,7 @@ class TrainingSession:
 
     def train_dataset(self, first_epoch: int, last_epoch: int) -> tf.data.Dataset:
         """Epochs first_epoch..last_epoch-1 back to back; each depends only on (seed, epoch)."""
-        return make_dataset(self.data.images, self.data.labels, self.train_indices, self.cfg.trainer.batch_size,
+        return make_dataset(self.data.images, self.targets, self.train_indices, self.cfg.trainer.batch_size,
                             shuffle=True, augment=self.augment, seed=self.cfg.trainer.seed,
                             epochs=(first_epoch, max(last_epoch, first_epoch)), steps=self.steps)
 
@@ -277,11 +281,14 @@ class TrainingSession:
         cfg = cfg or self.cfg
         model, backbone = build_classifier(cfg.backbone, cfg.head)
         optimizer, callbacks = build_optimizer(cfg.optimizer, self.steps * cfg.trainer.epochs, self.objective)
-        model.compile(
-            optimizer=optimizer,
-            loss=keras.losses.BinaryCrossentropy(label_smoothing=cfg.trainer.label_smoothing),
-            metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
-        )
+        smoothing = cfg.trainer.label_smoothing
+        if self.teacher is None:
+            loss = keras.losses.BinaryCrossentropy(label_smoothing=smoothing)
+            metrics = [keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")]
+        else:
+            loss = DistillationLoss(cfg.distill.alpha, cfg.distill.temperature, smoothing)
+            metrics = [LabelAccuracy(name="accuracy"), LabelAUC(name="auc")]
+        model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
         return model, backbone, callbacks
 
     def schedule_callbacks(self) -> list:

@@ -59,6 +59,7 @@ from histo_transfer.training.session import (
     WeightAveraging,
     configure_precision,
 )
+from histo_transfer.workflows.distillation import teacher_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +210,12 @@ def _start(cfg: DictConfig, context: RunContext, run_id: str, resumed: ResumeSta
         data = dataclasses.replace(data, train_indices=np.flatnonzero((fold.of_patch >= 0) & (fold.of_patch != fold.number)),
                                    val_indices=np.flatnonzero(fold.of_patch == fold.number))
     _log_data(data, cfg.data.name, outbox)
-    return _Started(run_id, TrainingSession(cfg, data), progress, resumed is not None, clock)
+    teacher = None
+    if cfg.distill.teacher is not None:
+        teacher = teacher_probabilities(cfg.distill, data)
+        outbox.tags(teacher.tags(cfg.distill))
+    return _Started(run_id, TrainingSession(cfg, data, teacher.probabilities if teacher else None), progress,
+                    resumed is not None, clock)
 
 
 def _build(started: _Started, resumed: ResumeState | None) -> _Built:

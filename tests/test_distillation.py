@@ -1,0 +1,114 @@
+"""Distillation (distill.teacher): the loss, the teacher's probabilities kept once per data set, the run's
+record of its teacher, resuming (a teacher that is a CV's fold ensemble: test_cross_validation.py)."""
+
+from __future__ import annotations
+
+import hashlib
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from conftest import TINY_RUN, compose_config, store_overrides
+from mlflow.tracking import MlflowClient
+
+from histo_transfer.config.errors import ConfigError, TrainingInterrupted
+from histo_transfer.data.loading import load_training_data
+from histo_transfer.evaluation.inference import predict_probabilities
+from histo_transfer.tasks.train import main as train
+from histo_transfer.tasks.validation import validate
+from histo_transfer.training.checkpoints import EpochCheckpoint
+from histo_transfer.training.distillation import DistillationLoss
+from histo_transfer.tracking.schema import TEACHER_MEMBERS_TAG, TEACHER_TAG
+from histo_transfer.workflows import distillation
+
+
+def _bce(target, p):
+    return float(np.mean(-(target * np.log(p) + (1 - target) * np.log(1 - p))))
+
+
+def test_the_loss_weighs_the_labels_and_the_teachers_softened_probabilities():
+    label, teacher, student = np.array([[1.0], [0.0]]), np.array([[0.9], [0.3]]), np.array([[0.7], [0.2]])
+    targets = np.concatenate([label, teacher], axis=1).astype(np.float32)
+
+    def loss(alpha, t, y=targets):
+        return float(DistillationLoss(alpha, t)(y, student.astype(np.float32)))
+
+    def at(p, t):  # sigmoid(logit(p) / t)
+        return 1 / (1 + np.exp(-np.log(p / (1 - p)) / t))
+
+    assert loss(1.0, 2.0) == pytest.approx(_bce(label, student), rel=1e-4)  # the labels alone
+    assert loss(0.0, 1.0) == pytest.approx(_bce(teacher, student), rel=1e-4)  # the teacher alone
+    expected = 0.3 * _bce(label, student) + 0.7 * 4 * _bce(at(teacher, 2), at(student, 2))
+    assert loss(0.3, 2.0) == pytest.approx(expected, rel=1e-4)
+    assert loss(0.3, 2.0, label.astype(np.float32)) == pytest.approx(_bce(label, student), rel=1e-4)  # validation
+
+
+def test_distill_keys_are_checked():
+    cfg = compose_config([*TINY_RUN, "distill.teacher=x.keras", "distill.alpha=1.5"])
+    with pytest.raises(ConfigError, match=r"distill\.alpha"):
+        validate(cfg, training=True)
+    with pytest.raises(ConfigError, match=r"distill\.teacher"):
+        validate(compose_config([*TINY_RUN, "distill.teacher=x.keras", "tuner=random"]), training=True)
+
+
+@pytest.fixture
+def teacher_file(trained_run, tmp_path):
+    """The session's tiny trained model as a .keras file: a teacher from another store."""
+    import mlflow
+
+    folder = mlflow.artifacts.download_artifacts(run_id=trained_run["run"].info.run_id, artifact_path="model",
+                                                 dst_path=str(tmp_path / "download"))
+    return Path(folder) / "model.keras"
+
+
+@pytest.mark.slow
+def test_the_teachers_probabilities_are_kept_once_and_read_back_without_the_teacher(teacher_file, tmp_path,
+                                                                                    monkeypatch):
+    overrides = [*TINY_RUN, *store_overrides(tmp_path), f"distill.teacher={teacher_file}", "distill.tta=flips"]
+    cfg = compose_config(overrides)
+    train(cfg)
+    data = load_training_data(cfg.data)
+    [kept] = (data.patches.folder / distillation.TEACHERS_DIR).glob("*.npy")
+    expected = predict_probabilities(keras.models.load_model(teacher_file), data.images, tta="flips", progress=False)
+    assert np.allclose(np.load(kept), expected, atol=1e-6)  # every patch, as the teacher scores it with its TTA
+    client = MlflowClient(cfg.tracking.uri)
+    [run] = client.search_runs(["1"])
+    assert run.info.status == "FINISHED" and run.data.tags[TEACHER_TAG] == str(teacher_file)
+    assert run.data.tags[TEACHER_MEMBERS_TAG] == f"{teacher_file} sha256:{hashlib.sha256(teacher_file.read_bytes()).hexdigest()}"
+
+    def never(*args, **kwargs):
+        raise AssertionError("the teacher was loaded or called again")
+
+    monkeypatch.setattr(distillation, "load_model", never)
+    monkeypatch.setattr(distillation, "ensemble_probabilities", never)
+    train(compose_config([*overrides, "trainer.seed=7"]))  # another run, the same teacher and data
+    assert {r.info.status for r in client.search_runs(["1"])} == {"FINISHED"}
+    assert len(list(kept.parent.iterdir())) == 1
+
+
+@pytest.mark.slow
+def test_a_distilling_run_resumed_after_an_interruption_continues_in_the_same_run(teacher_file, tmp_path,
+                                                                                   monkeypatch):
+    overrides = [*TINY_RUN, *store_overrides(tmp_path), f"distill.teacher={teacher_file}", "trainer.epochs=3"]
+    save = EpochCheckpoint.on_epoch_end
+
+    def save_then_stop(self, epoch, logs=None):
+        save(self, epoch, logs)
+        if epoch == 0:
+            raise KeyboardInterrupt  # as Ctrl-C does, after the epoch's state is saved
+
+    monkeypatch.setattr(EpochCheckpoint, "on_epoch_end", save_then_stop)
+    with pytest.raises(TrainingInterrupted):
+        train(compose_config(overrides))
+    monkeypatch.setattr(EpochCheckpoint, "on_epoch_end", save)
+    client = MlflowClient(compose_config(overrides).tracking.uri)
+    [killed] = client.search_runs(["1"])
+    assert killed.info.status == "KILLED"
+
+    train(compose_config([*overrides, "trainer.resume=true"]))  # the checkpoint loads with the distillation loss
+    [resumed] = client.search_runs(["1"])
+    assert resumed.info.run_id == killed.info.run_id and resumed.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(resumed.info.run_id, "val_auc")] == [1, 2, 3]
+    assert resumed.data.tags[TEACHER_TAG] == str(teacher_file)
