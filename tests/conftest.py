@@ -188,6 +188,17 @@ def trained_run(trained_once):
     return trained_once
 
 
+@pytest.fixture
+def teacher_file(trained_run, tmp_path):
+    """The shared trained model as a .keras file: a teacher (distill.teacher, pseudo.teacher) that any
+    store can use."""
+    import mlflow
+
+    folder = mlflow.artifacts.download_artifacts(run_id=trained_run["run"].info.run_id, artifact_path="model",
+                                                 dst_path=str(tmp_path / "download"))
+    return Path(folder) / "model.keras"
+
+
 @pytest.fixture(scope="session")
 def trained_once(tmp_path_factory):
     """One tiny model trained through `python train.py` in a process of its own, as a user runs it

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 
-from pathlib import Path
-
 import keras
 import numpy as np
 import pytest
@@ -20,8 +18,8 @@ from histo_transfer.tasks.train import main as train
 from histo_transfer.tasks.validation import validate
 from histo_transfer.training.checkpoints import EpochCheckpoint
 from histo_transfer.training.distillation import DistillationLoss
-from histo_transfer.tracking.schema import TEACHER_MEMBERS_TAG, TEACHER_TAG
-from histo_transfer.workflows import distillation
+from histo_transfer.tracking.schema import DISTILL_TEACHER_TAGS
+from histo_transfer.workflows import teachers
 
 
 def _bce(target, p):
@@ -53,16 +51,6 @@ def test_distill_keys_are_checked():
         validate(compose_config([*TINY_RUN, "distill.teacher=x.keras", "tuner=random"]), training=True)
 
 
-@pytest.fixture
-def teacher_file(trained_run, tmp_path):
-    """The session's tiny trained model as a .keras file: a teacher from another store."""
-    import mlflow
-
-    folder = mlflow.artifacts.download_artifacts(run_id=trained_run["run"].info.run_id, artifact_path="model",
-                                                 dst_path=str(tmp_path / "download"))
-    return Path(folder) / "model.keras"
-
-
 @pytest.mark.slow
 def test_the_teachers_probabilities_are_kept_once_and_read_back_without_the_teacher(teacher_file, tmp_path,
                                                                                     monkeypatch):
@@ -70,19 +58,19 @@ def test_the_teachers_probabilities_are_kept_once_and_read_back_without_the_teac
     cfg = compose_config(overrides)
     train(cfg)
     data = load_training_data(cfg.data)
-    [kept] = (data.patches.folder / distillation.TEACHERS_DIR).glob("*.npy")
+    [kept] = (data.patches.folder / teachers.TEACHERS_DIR).glob("*.npy")
     expected = predict_probabilities(keras.models.load_model(teacher_file), data.images, tta="flips", progress=False)
     assert np.allclose(np.load(kept), expected, atol=1e-6)  # every patch, as the teacher scores it with its TTA
     client = MlflowClient(cfg.tracking.uri)
     [run] = client.search_runs(["1"])
-    assert run.info.status == "FINISHED" and run.data.tags[TEACHER_TAG] == str(teacher_file)
-    assert run.data.tags[TEACHER_MEMBERS_TAG] == f"{teacher_file} sha256:{hashlib.sha256(teacher_file.read_bytes()).hexdigest()}"
+    assert run.info.status == "FINISHED" and run.data.tags[DISTILL_TEACHER_TAGS[0]] == str(teacher_file)
+    assert run.data.tags[DISTILL_TEACHER_TAGS[1]] == f"{teacher_file} sha256:{hashlib.sha256(teacher_file.read_bytes()).hexdigest()}"
 
     def never(*args, **kwargs):
         raise AssertionError("the teacher was loaded or called again")
 
-    monkeypatch.setattr(distillation, "load_model", never)
-    monkeypatch.setattr(distillation, "ensemble_probabilities", never)
+    monkeypatch.setattr(teachers, "load_model", never)
+    monkeypatch.setattr(teachers, "ensemble_probabilities", never)
     train(compose_config([*overrides, "trainer.seed=7"]))  # another run, the same teacher and data
     assert {r.info.status for r in client.search_runs(["1"])} == {"FINISHED"}
     assert len(list(kept.parent.iterdir())) == 1
@@ -111,4 +99,4 @@ def test_a_distilling_run_resumed_after_an_interruption_continues_in_the_same_ru
     [resumed] = client.search_runs(["1"])
     assert resumed.info.run_id == killed.info.run_id and resumed.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(resumed.info.run_id, "val_auc")] == [1, 2, 3]
-    assert resumed.data.tags[TEACHER_TAG] == str(teacher_file)
+    assert resumed.data.tags[DISTILL_TEACHER_TAGS[0]] == str(teacher_file)

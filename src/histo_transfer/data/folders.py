@@ -90,6 +90,8 @@ class FoldersSource(DataSource):
         if self.cfg.test_dir is None:
             return None
         root = self.root()
+        if not (root / self.cfg.test_dir).is_dir():
+            raise DataError(f"{root / self.cfg.test_dir}: not a folder")
         listing = Listing()
         self._list_images(root / self.cfg.test_dir, root / self.cfg.test_dir, listing, label=-1, recursive=True)
         if not listing.paths:
@@ -134,6 +136,17 @@ class FoldersSource(DataSource):
                 listing.labels.append(label)
             else:
                 listing.ignored.append(path.relative_to(root).as_posix())
+
+
+def unlabelled_folder(folder: str | Path, cache_dir: str, workers: int | None = None,
+                      extensions=("jpg", "jpeg", "png", "tif", "tiff")) -> PackedPatches:
+    """Every image under `folder`, at any depth, packed as unlabelled patches (ids: paths inside it);
+    checked as a folders source's test_dir is."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"name": "folders", "root": str(folder), "test_dir": ".", "extensions": list(extensions),
+                            "cache_dir": cache_dir, "workers": workers})
+    return FoldersSource(cfg).holdout()
 
 
 def _subfolders(folder: Path) -> list[str]:

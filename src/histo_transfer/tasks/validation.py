@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -81,6 +82,17 @@ class DistillKeys:
 
 
 @dataclass
+class PseudoKeys:
+    data: Optional[str]
+    teacher: Optional[Any]
+    tta: str = one_of(TTA)
+    top_k: int = between(1)
+    method: str = one_of(COMBINE)
+    threshold: float = between(0.5, 1, low_open=True)
+    weight: float = between(0, low_open=True)
+
+
+@dataclass
 class EnsembleKeys:
     """How a model reference that stands for several models is combined (predict, evaluate, register)."""
 
@@ -133,8 +145,15 @@ def _check_training(cfg: DictConfig) -> None:
     check_keys(cfg.head, HeadKeys, "head")
     check_keys(cfg.objective, ObjectiveKeys, "objective")
     check_keys(cfg.distill, DistillKeys, "distill")
-    if cfg.distill.teacher is not None and cfg.get("tuner") is not None:
-        raise ConfigError("distill.teacher", "a keras-tuner search (tuner=...) does not distil; drop one")
+    check_keys(cfg.pseudo, PseudoKeys, "pseudo")
+    if (cfg.pseudo.data is None) != (cfg.pseudo.teacher is None):
+        missing = "pseudo.teacher" if cfg.pseudo.teacher is None else "pseudo.data"
+        raise ConfigError(missing, "pseudo-labels need both pseudo.data (holdout or a folder) and pseudo.teacher")
+    if cfg.pseudo.data not in (None, "holdout") and not Path(cfg.pseudo.data).expanduser().is_dir():
+        raise ConfigError("pseudo.data", f"{cfg.pseudo.data} is neither `holdout` nor a folder")
+    for key in ("distill", "pseudo"):
+        if cfg[key].teacher is not None and cfg.get("tuner") is not None:
+            raise ConfigError(f"{key}.teacher", "a keras-tuner search (tuner=...) takes no teacher; drop one")
     if cfg.get("tuner") is not None:
         TUNERS.validate(cfg.tuner)
     if cfg.get("cv") is not None:

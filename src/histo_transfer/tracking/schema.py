@@ -54,8 +54,9 @@ BEST_IN_SWEEP_TAG = "best_in_sweep"
 REGISTERED_MODEL_TAG = "registered_model"
 SLIDE_PATH_TAG = "slide_path"
 SLIDE_SOURCE_TAG = "slides"  # a slide folder's DIR or glob, as given
-TEACHER_TAG = "distill_teacher"  # distill.teacher as given
-TEACHER_MEMBERS_TAG = "distill_teacher_members"  # what it named when the run started (aliases pinned)
+# a teacher as given, and the single models it stood for when the run started (aliases pinned)
+DISTILL_TEACHER_TAGS = ("distill_teacher", "distill_teacher_members")
+PSEUDO_TEACHER_TAGS = ("pseudo_teacher", "pseudo_teacher_members")
 
 # Params every training run logs (its flattened config) that readers look up by name
 OBJECTIVE_METRIC_PARAM = "objective.metric"

@@ -20,7 +20,7 @@ from histo_transfer.config.errors import Terminated
 from histo_transfer.config.objective import Objective
 from histo_transfer.data.augment import build_augmentation
 from histo_transfer.data.loading import TrainingData
-from histo_transfer.data.pipeline import make_dataset, steps_per_epoch
+from histo_transfer.data.pipeline import ExtraPatches, make_dataset, steps_per_epoch
 from histo_transfer.models.classifier import build_classifier
 from histo_transfer.training.distillation import DistillationLoss, LabelAccuracy, LabelAUC
 from histo_transfer.training.optim import SCHEDULES, build_optimizer
@@ -251,17 +251,23 @@ def progress_verbosity(progress: str) -> int:
 class TrainingSession:
     """The data of one training (a run, a trial, a fold), its datasets, model and fit loop."""
 
-    def __init__(self, cfg, data: TrainingData, teacher: np.ndarray | None = None):
+    def __init__(self, cfg, data: TrainingData, teacher: np.ndarray | None = None, pseudo=None):
         """`teacher`: a teacher's probability for every patch of `data` (distill.teacher), trained
-        against beside the labels."""
+        against beside the labels. `pseudo`: pseudo-labelled patches (workflows.pseudo_labels) that join
+        the training patches, the teacher's probability as their second target when distilling."""
         self.cfg, self.data, self.teacher = cfg, data, teacher
         self.targets = data.labels if teacher is None else np.stack([data.labels, teacher], axis=1)
+        self.extra = None
+        if pseudo is not None and not cfg.trainer.overfit_batches:
+            labels = pseudo.labels if teacher is None else np.stack([pseudo.labels, pseudo.probabilities], axis=1)
+            self.extra = ExtraPatches(pseudo.patches.images, labels, pseudo.kept, pseudo.weight)
         self.objective = Objective.from_config(cfg.objective)
         trainer = cfg.trainer
         self.train_indices, self.val_indices = data.train_indices, data.val_indices
         if trainer.overfit_batches:  # debug=overfit: the same few batches to train and validate on
             self.train_indices = self.val_indices = self.train_indices[: trainer.overfit_batches * trainer.batch_size]
-        self.steps = steps_per_epoch(len(self.train_indices), trainer.batch_size)
+        trained_on = len(self.train_indices) + (len(self.extra.indices) if self.extra else 0)
+        self.steps = steps_per_epoch(trained_on, trainer.batch_size)
         if trainer.steps_per_epoch:
             self.steps = min(self.steps, trainer.steps_per_epoch)
         self.augment = build_augmentation(cfg.augmentation, trainer.seed)
@@ -270,7 +276,7 @@ class TrainingSession:
         """Epochs first_epoch..last_epoch-1 back to back; each depends only on (seed, epoch)."""
         return make_dataset(self.data.images, self.targets, self.train_indices, self.cfg.trainer.batch_size,
                             shuffle=True, augment=self.augment, seed=self.cfg.trainer.seed,
-                            epochs=(first_epoch, max(last_epoch, first_epoch)), steps=self.steps)
+                            epochs=(first_epoch, max(last_epoch, first_epoch)), steps=self.steps, extra=self.extra)
 
     def val_dataset(self) -> tf.data.Dataset:
         return make_dataset(self.data.images, self.data.labels, self.val_indices, self.cfg.trainer.batch_size)

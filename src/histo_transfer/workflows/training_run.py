@@ -37,6 +37,7 @@ from histo_transfer.tracking.schema import (
     CONFIG_ARTIFACT,
     CONFIG_TAG,
     DATA_ROOT_TAG,
+    DISTILL_TEACHER_TAGS,
     DATA_TAG,
     DATASET_FINGERPRINT_TAG,
     EVALUATION_DIR,
@@ -59,7 +60,8 @@ from histo_transfer.training.session import (
     WeightAveraging,
     configure_precision,
 )
-from histo_transfer.workflows.distillation import teacher_probabilities
+from histo_transfer.workflows.pseudo_labels import pseudo_labelled
+from histo_transfer.workflows.teachers import teacher_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -212,10 +214,11 @@ def _start(cfg: DictConfig, context: RunContext, run_id: str, resumed: ResumeSta
     _log_data(data, cfg.data.name, outbox)
     teacher = None
     if cfg.distill.teacher is not None:
-        teacher = teacher_probabilities(cfg.distill, data)
-        outbox.tags(teacher.tags(cfg.distill))
-    return _Started(run_id, TrainingSession(cfg, data, teacher.probabilities if teacher else None), progress,
-                    resumed is not None, clock)
+        teacher = teacher_probabilities(cfg.distill, data.patches)
+        outbox.tags(teacher.tags(cfg.distill, DISTILL_TEACHER_TAGS))
+    pseudo = pseudo_labelled(cfg, data.root, outbox) if cfg.pseudo.teacher is not None else None
+    session = TrainingSession(cfg, data, teacher.probabilities if teacher else None, pseudo)
+    return _Started(run_id, session, progress, resumed is not None, clock)
 
 
 def _build(started: _Started, resumed: ResumeState | None) -> _Built:

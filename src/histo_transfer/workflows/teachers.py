@@ -1,5 +1,6 @@
-"""A teacher's probabilities for distillation (distill.teacher): computed once per teacher and data set,
-kept beside the packed cache, read back by every later run (a resumed one, the next fold, a sweep's jobs).
+"""A teacher's probabilities (distill.teacher, pseudo.teacher): computed once per teacher and packed data
+set, kept beside the packed cache, read back by every later run (a resumed one, the next fold, a sweep's
+jobs) without loading the teacher.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from histo_transfer.config.errors import DiskFull
-from histo_transfer.data.loading import TrainingData
+from histo_transfer.data.cache import PackedPatches
 from histo_transfer.evaluation.inference import ensemble_probabilities
 from histo_transfer.tracking.registry import load_model, member_refs, pinned_ref
-from histo_transfer.tracking.schema import TEACHER_MEMBERS_TAG, TEACHER_TAG
 
 log = logging.getLogger(__name__)
 
@@ -30,28 +30,34 @@ class Teacher:
     members: list[str]  # the single models it stands for, pinned (pinned_ref)
     path: Path  # where the probabilities are kept
 
-    def tags(self, distill_cfg) -> dict[str, str]:
-        return {TEACHER_TAG: str(_plain(distill_cfg.teacher)), TEACHER_MEMBERS_TAG: ",".join(self.members)[:5000]}
+    def tags(self, teacher_cfg, keys: tuple[str, str]) -> dict[str, str]:
+        """What a run records of its teacher (schema's *_TEACHER_TAGS): the reference as given and the
+        models it stood for."""
+        given, members = keys
+        return {given: str(_plain(teacher_cfg.teacher)), members: ",".join(self.members)[:5000]}
 
 
-def teacher_probabilities(distill_cfg, data: TrainingData, batch_size: int = 256) -> Teacher:
-    """The probabilities of distill.teacher (with its tta; an ensemble's members combined by `method`) for
-    every patch of `data`, from the file kept for this teacher and data set, else computed and kept."""
-    refs = member_refs(_plain(distill_cfg.teacher), distill_cfg.top_k)
+def teacher_probabilities(teacher_cfg, patches: PackedPatches, batch_size: int = 256) -> Teacher:
+    """The probabilities of `teacher_cfg.teacher` (with its tta; an ensemble's members combined by its
+    `method`) for every patch of `patches`, from the file kept for this teacher and packed data set (the
+    cache folder's name holds the data's fingerprint), else computed and kept."""
+    refs = member_refs(_plain(teacher_cfg.teacher), teacher_cfg.top_k)
     members = [pinned_ref(ref) for ref in refs]
-    key = hashlib.sha256(json.dumps({"members": members, "tta": distill_cfg.tta, "method": distill_cfg.method,
-                                     "data": data.fingerprint}).encode()).hexdigest()[:16]
-    path = Path(data.patches.folder) / TEACHERS_DIR / f"{key}.npy"
+    folder = Path(patches.folder)
+    key = hashlib.sha256(json.dumps({"members": members, "tta": teacher_cfg.tta, "method": teacher_cfg.method,
+                                     "data": folder.name}).encode()).hexdigest()[:16]
+    path = folder / TEACHERS_DIR / f"{key}.npy"
+    count = len(patches.labels)
     if path.is_file():
         kept = np.load(path)
-        if kept.shape == (len(data.labels),):
-            log.info("distill: the teacher's probabilities from %s", path)
+        if kept.shape == (count,):
+            log.info("the teacher's probabilities from %s", path)
             return Teacher(kept, members, path)
-        log.warning("distill: %s holds %s values for %d patches: computed again", path, kept.shape, len(data.labels))
-    log.info("distill: scoring %d patches with the teacher (%d model(s), tta=%s), once for this data set",
-             len(data.labels), len(members), distill_cfg.tta)
+        log.warning("%s holds %s values for %d patches: computed again", path, kept.shape, count)
+    log.info("scoring %d patches of %s with the teacher (%d model(s), tta=%s), once for this data set",
+             count, folder.name, len(members), teacher_cfg.tta)
     models = [load_model(ref).model for ref in refs]
-    probabilities = ensemble_probabilities(models, data.images, batch_size, distill_cfg.tta, distill_cfg.method)
+    probabilities = ensemble_probabilities(models, patches.images, batch_size, teacher_cfg.tta, teacher_cfg.method)
     _write(path, probabilities.astype(np.float32))
     return Teacher(probabilities, members, path)
 
