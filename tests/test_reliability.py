@@ -220,6 +220,37 @@ def test_a_full_disk_while_checkpointing_fails_the_run_and_resume_continues_once
 
 
 @pytest.mark.slow
+def test_a_full_disk_while_artifacts_are_written_fails_the_run_and_resume_records_them_once_space_is_back(tmp_path):
+    """The artifact store (a local one: its folder on a small disk) fills up between the last epoch and the
+    model's upload: one line names the store, the run ends FAILED, resuming finishes the same run."""
+    args = [*SHORT_EPOCHS, *store_overrides(tmp_path), f"trainer.checkpoint_dir={tmp_path / 'ckpt'}"]
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    with small_disk(tmp_path / "disk", "16m") as disk:
+        MlflowClient(uri).create_experiment("histo-transfer", artifact_location=str(disk / "artifacts"))
+        process = start_training(args, tmp_path)
+        wait_for_epoch(tmp_path / "ckpt", 1, process)
+        filler = fill(disk)  # epochs 2 and 3 record metrics only (the database is elsewhere); then the model
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 1, stderr[-3000:]
+        last = stderr.strip().splitlines()[-1]
+        assert re.fullmatch(rf"error: \S*{re.escape(str(disk / 'artifacts'))}/\S+: no space left on the device for the "
+                            r"artifacts \S+\. Once there is space, resume with: python train\.py .*trainer\.resume=true",
+                            last), last
+        assert "Traceback" not in stderr
+        failed = only_run(uri)
+        assert failed.info.status == "FAILED" and "no space left" in failed.data.tags["error"]
+
+        filler.unlink()  # space is back
+        result = run_cli([*args, "trainer.resume=true"])
+        assert result.returncode == 0, result.stderr[-3000:]
+        resumed = only_run(uri)
+        assert resumed.info.run_id == failed.info.run_id and resumed.info.status == "FINISHED"
+        client = MlflowClient(uri)
+        assert "model/model.keras" in artifact_paths(client, resumed.info.run_id)
+        assert sorted({m.step for m in client.get_metric_history(resumed.info.run_id, "val_auc")}) == [1, 2, 3]
+
+
+@pytest.mark.slow
 def test_mirrored_training_on_two_logical_cpus_matches_one_device(tmp_path):
     common = [*TINY_RUN, "trainer.epochs=2"]
     single = run_cli([*common, *store_overrides(tmp_path / "one"), "trainer.strategy=default"])

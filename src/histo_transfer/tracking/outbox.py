@@ -25,7 +25,7 @@ import mlflow
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from histo_transfer.config.errors import ConfigError
+from histo_transfer.config.errors import ConfigError, DiskFull
 from histo_transfer.tracking.access import check_server
 from histo_transfer.tracking.redaction import redact_uri
 from histo_transfer.tracking.schema import LOGGED_MODEL_NAME, MODEL_ARTIFACT, MODEL_SUMMARY_ARTIFACT
@@ -227,10 +227,17 @@ class Outbox:
                 client.set_tag(self.run_id, key, value)
         elif kind == "artifacts":
             path = self.folder / item["path"]
-            if path.is_dir():
-                client.log_artifacts(self.run_id, str(path), item["artifact_path"])
-            else:
-                client.log_artifact(self.run_id, str(path), item["artifact_path"])
+            try:
+                if path.is_dir():
+                    client.log_artifacts(self.run_id, str(path), item["artifact_path"])
+                else:
+                    client.log_artifact(self.run_id, str(path), item["artifact_path"])
+            except OSError as exc:  # a local artifact store's disk (a server's answers with an HTTP error)
+                if not DiskFull.caused(exc):
+                    raise
+                where = redact_uri(client.get_run(self.run_id).info.artifact_uri)
+                raise DiskFull(f"{where}: no space left on the device for the artifacts "
+                               f"{item['artifact_path'] or path.name}") from None
         elif kind == "logged_model":
             self._log_model(item)
         else:
