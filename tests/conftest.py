@@ -32,6 +32,17 @@ TINY_MODEL = ["backbone=tiny_cnn", "backbone.width=8", "trainer.epochs=2", "trai
 TINY_RUN = [*TINY_MODEL, "data.n_train=160", "data.n_test=8"]
 
 
+# Files that take minutes (services, sweeps, faults), heaviest first: pytest-xdist hands its two workers
+# whole files in collection order, so these start first and the light ones fill in around them.
+HEAVY_FILES = ("test_team_server.py", "test_scaleout.py", "test_sweeps.py", "test_reliability.py",
+               "test_cross_validation.py", "test_session.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: number for number, name in enumerate(HEAVY_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept
+
+
 def store_overrides(tmp: Path) -> list[str]:
     """Point data cache, MLflow store and run outputs (Hydra folders, checkpoints) into `tmp`.
 
