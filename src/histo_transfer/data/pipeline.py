@@ -49,7 +49,7 @@ def make_dataset(images, labels: np.ndarray, indices: np.ndarray, batch_size: in
         weights = np.concatenate([weights, np.full(len(extra.labels), extra.weight, np.float32)])
     targets_t, weights_t = tf.constant(targets), tf.constant(weights)
     main = _patches(images, indices, count)
-    size = int(main.cardinality())
+    size = in_main = int(main.cardinality())
 
     def labelled(index, image):  # (B, 1); (B, k) for targets of k columns (a label and a teacher's)
         target = tf.reshape(tf.gather(targets_t, index), (tf.shape(index)[0], -1))
@@ -64,9 +64,8 @@ def make_dataset(images, labels: np.ndarray, indices: np.ndarray, batch_size: in
     def one_epoch(epoch: int) -> tf.data.Dataset:
         # Python-int seeds: TensorFlow's op seeds must not be tensors when no global seed is set
         stream = main
-        if extra is not None and size > int(main.cardinality()):
-            share = int(main.cardinality()) / size
-            stream = tf.data.Dataset.sample_from_datasets([main, added], weights=[share, 1 - share],
+        if size > in_main:  # extra patches kept
+            stream = tf.data.Dataset.sample_from_datasets([main, added], weights=[in_main / size, 1 - in_main / size],
                                                           seed=seed * 1_000_003 + epoch + 1,
                                                           stop_on_empty_dataset=False)
             stream = stream.apply(tf.data.experimental.assert_cardinality(size))

@@ -34,14 +34,14 @@ class Teacher:
         """What a run records of its teacher (schema's *_TEACHER_TAGS): the reference as given and the
         models it stood for."""
         given, members = keys
-        return {given: str(_plain(teacher_cfg.teacher)), members: ",".join(self.members)[:5000]}
+        return {given: str(teacher_cfg.teacher), members: ",".join(self.members)[:5000]}
 
 
 def teacher_probabilities(teacher_cfg, patches: PackedPatches, batch_size: int = 256) -> Teacher:
     """The probabilities of `teacher_cfg.teacher` (with its tta; an ensemble's members combined by its
     `method`) for every patch of `patches`, from the file kept for this teacher and packed data set (the
     cache folder's name holds the data's fingerprint), else computed and kept."""
-    refs = member_refs(_plain(teacher_cfg.teacher), teacher_cfg.top_k)
+    refs = member_refs(teacher_cfg.teacher, teacher_cfg.top_k)  # a list too
     members = [pinned_ref(ref) for ref in refs]
     folder = Path(patches.folder)
     key = hashlib.sha256(json.dumps({"members": members, "tta": teacher_cfg.tta, "method": teacher_cfg.method,
@@ -76,9 +76,3 @@ def _write(path: Path, values: np.ndarray) -> None:
             raise DiskFull(f"{path}: no space left on the device for the teacher's probabilities") from None
         raise
 
-
-def _plain(teacher):
-    """A reference or a list of them, as plain Python (Hydra hands lists over as ListConfig)."""
-    from omegaconf import ListConfig, OmegaConf
-
-    return OmegaConf.to_container(teacher) if isinstance(teacher, ListConfig) else teacher
