@@ -45,10 +45,27 @@ def data_roots(kaggle_root, pcam_root, tmp_path):
     return {"kaggle": kaggle_root, "pcam_h5": pcam_root, "folders": tmp_path / "folders"}
 
 
+# what a recipe cannot run without, beyond data.root and backbone.weights
+RECIPE_NEEDS = {"experiment=cpu_pcam_distilled": ["distill.teacher=0123456789abcdef0123456789abcdef"]}
+
+
 def with_data_root(overrides: list[str], roots: dict) -> list[str]:
-    """`overrides` plus the data.root its data source needs (experiments bring their own source)."""
+    """`overrides` plus the data.root its data source needs (experiments bring their own source), and
+    any key the recipe requires."""
+    overrides = [*overrides, *(need for key in overrides for need in RECIPE_NEEDS.get(key, []))]
     source = compose_config(overrides).data.name
     return [*overrides, f"data.root={roots[source]}"] if source in roots else overrides
+
+
+def test_a_recipe_names_the_key_it_cannot_run_without(data_roots):
+    """The distilled recipe without its teacher would train a plain cpu_pcam model under its name."""
+    cfg = compose_config(["experiment=cpu_pcam_distilled", f"data.root={data_roots['folders']}"])
+    with pytest.raises(ConfigError, match=r"^distill.teacher: is required \(the teacher, e.g. the parent run of "
+                                          r"experiment=cpu_pcam_cv\): add distill.teacher=VALUE"):
+        validate_training(cfg)
+    cv = compose_config(["experiment=cpu_pcam_cv", f"data.root={data_roots['folders']}"])
+    validate_training(cv)
+    assert (cv.cv.name, cv.cv.folds, cv.data.val_dir, cv.backbone.input_size) == ("kfold", 3, "valid", 160)
 
 
 @pytest.mark.parametrize(("group", "option"), list(_options()))

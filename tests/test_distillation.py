@@ -51,6 +51,13 @@ def test_distill_keys_are_checked():
         validate(compose_config([*TINY_RUN, "distill.teacher=x.keras", "tuner=random"]), training=True)
 
 
+def test_a_bad_teacher_is_named_by_its_key_and_its_run_ends_failed(tmp_path):
+    cfg = compose_config([*TINY_RUN, *store_overrides(tmp_path), f"distill.teacher={tmp_path / 'no.keras'}"])
+    with pytest.raises(ConfigError, match=r"^distill\.teacher: '.*no\.keras' is neither an MLflow run id"):
+        train(cfg)
+    assert [r.info.status for r in MlflowClient(cfg.tracking.uri).search_runs(["1"])] == ["FAILED"]  # not left RUNNING
+
+
 @pytest.mark.slow
 def test_the_teachers_probabilities_are_kept_once_and_read_back_without_the_teacher(teacher_file, tmp_path,
                                                                                     monkeypatch):

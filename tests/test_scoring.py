@@ -105,6 +105,7 @@ def test_evaluate_reports_on_a_labelled_folder(trained):
     [run] = client.search_runs(["1"], "tags.kind = 'evaluate'", max_results=1)
     assert run.info.status == "FINISHED" and run.data.tags["eval_split"] == "all"
     assert run.data.metrics["eval/auc"] == pytest.approx(metrics["auc"])
+    assert run.data.metrics["eval/images_per_second"] > 0  # the model's prediction cost, TTA views included
     assert metrics["n"] == 160  # every labelled patch of the folder
     names = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/roc.png", "evaluation/pr.png", "evaluation/reliability.png",

@@ -22,6 +22,7 @@ from histo_transfer import IMAGE_SHAPE
 from histo_transfer.config.errors import ConfigError
 from histo_transfer.config.objective import ObjectiveKeys
 from histo_transfer.config.options import between, check_keys, one_of
+from histo_transfer.config.resolvers import RequiredValue
 from histo_transfer.data.augment import AUGMENTATIONS
 from histo_transfer.data.sources import SOURCES
 from histo_transfer.evaluation.inference import COMBINE, TTA
@@ -133,7 +134,19 @@ def validate(cfg: DictConfig, *, training: bool = False, keys: type | None = Non
             raise ConfigError(key, f"is required: add {key}=VALUE to the command line")
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "config"
+        required = _required_value(exc)
+        if required is not None:
+            raise ConfigError(str(key), f"is required ({required}): add {key}=VALUE to the command line") from None
         raise ConfigError(str(key), str(exc).splitlines()[0]) from exc
+
+
+def _required_value(exc: BaseException) -> RequiredValue | None:
+    """The `${required:...}` behind an OmegaConf error: OmegaConf wraps the resolver's exception more
+    than once, as cause or as context."""
+    seen = exc
+    while seen is not None and not isinstance(seen, RequiredValue):
+        seen = seen.__cause__ or seen.__context__
+    return seen
 
 
 def _check_training(cfg: DictConfig) -> None:

@@ -42,7 +42,7 @@ def pseudo_labelled(cfg: DictConfig, data_root: Path, outbox) -> PseudoLabelled:
     pseudo.teacher (once per teacher and data set), the confident ones kept; counts, teacher and the kept
     set recorded in the active run."""
     patches = _unlabelled(cfg)
-    teacher = teacher_probabilities(cfg.pseudo, patches)
+    teacher = teacher_probabilities(cfg.pseudo, patches, "pseudo.teacher")
     usable = np.zeros(len(patches.ids), dtype=bool)
     usable[patches.usable(cfg.data.on_bad_image)] = True  # a bad image: refused, or never trained on
     kept = np.intersect1d(confident(teacher.probabilities, cfg.pseudo.threshold), np.flatnonzero(usable))

@@ -93,8 +93,10 @@ def evaluate(cfg: DictConfig, context=None) -> dict[str, float]:
                               system_metrics=cfg.tracking.system_metrics), tempfile.TemporaryDirectory() as tmp:
         tracking.log_dataset(patches.ids[indices], labels, root, f"{cfg.data.name}-{split}",
                              patches.folder.name.rsplit("-", 1)[-1], "evaluation")  # the dataset's context
+        started = time.perf_counter()
         probabilities = ensemble_probabilities([m.model for m in members], images, cfg.batch_size, cfg.tta,
                                                cfg.ensemble.method)
+        seconds = time.perf_counter() - started  # the prediction cost of this model (all members, all views)
         try:
             # where one model looks; an ensemble's members each look elsewhere
             model = members[0].model
@@ -103,7 +105,8 @@ def evaluate(cfg: DictConfig, context=None) -> dict[str, float]:
                                    ids=patches.ids[indices], explain=explain)
         except ValueError as exc:
             raise DataError(f"{root}: {exc}") from exc
-        mlflow.log_metrics({f"eval/{k}": v for k, v in metrics.items()})
+        mlflow.log_metrics({**{f"eval/{k}": v for k, v in metrics.items()},
+                            "eval/images_per_second": len(indices) / max(seconds, 1e-9)})
         mlflow.log_artifacts(str(Path(tmp) / EVALUATION_DIR), EVALUATION_DIR)
     members_note = f", {len(members)} members ({cfg.ensemble.method})" if len(members) > 1 else ""
     print(summary_text(metrics, f"{cfg.model} on {root} ({split}, tta={cfg.tta}{members_note})"))

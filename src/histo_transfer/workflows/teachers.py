@@ -5,6 +5,7 @@ jobs) without loading the teacher.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from histo_transfer.config.errors import DiskFull
+from histo_transfer.config.errors import ConfigError, DiskFull
 from histo_transfer.data.cache import PackedPatches
 from histo_transfer.evaluation.inference import ensemble_probabilities
 from histo_transfer.tracking.registry import load_model, member_refs, pinned_ref
@@ -37,12 +38,14 @@ class Teacher:
         return {given: str(teacher_cfg.teacher), members: ",".join(self.members)[:5000]}
 
 
-def teacher_probabilities(teacher_cfg, patches: PackedPatches, batch_size: int = 256) -> Teacher:
+def teacher_probabilities(teacher_cfg, patches: PackedPatches, where: str, batch_size: int = 256) -> Teacher:
     """The probabilities of `teacher_cfg.teacher` (with its tta; an ensemble's members combined by its
     `method`) for every patch of `patches`, from the file kept for this teacher and packed data set (the
-    cache folder's name holds the data's fingerprint), else computed and kept."""
-    refs = member_refs(teacher_cfg.teacher, teacher_cfg.top_k)  # a list too
-    members = [pinned_ref(ref) for ref in refs]
+    cache folder's name holds the data's fingerprint), else computed and kept. `where` is the config key
+    (distill.teacher, pseudo.teacher) that a bad reference is reported under."""
+    with _reported_as(where):
+        refs = member_refs(teacher_cfg.teacher, teacher_cfg.top_k)  # a list too
+        members = [pinned_ref(ref) for ref in refs]
     folder = Path(patches.folder)
     key = hashlib.sha256(json.dumps({"members": members, "tta": teacher_cfg.tta, "method": teacher_cfg.method,
                                      "data": folder.name}).encode()).hexdigest()[:16]
@@ -56,10 +59,20 @@ def teacher_probabilities(teacher_cfg, patches: PackedPatches, batch_size: int =
         log.warning("%s holds %s values for %d patches: computed again", path, kept.shape, count)
     log.info("scoring %d patches of %s with the teacher (%d model(s), tta=%s), once for this data set",
              count, folder.name, len(members), teacher_cfg.tta)
-    models = [load_model(ref).model for ref in refs]
+    with _reported_as(where):
+        models = [load_model(ref).model for ref in refs]
     probabilities = ensemble_probabilities(models, patches.images, batch_size, teacher_cfg.tta, teacher_cfg.method)
     _write(path, probabilities.astype(np.float32))
     return Teacher(probabilities, members, path)
+
+
+@contextlib.contextmanager
+def _reported_as(where: str):
+    """The registry's errors name `model`, predict.py's key: here the teacher's key is the one to fix."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise ConfigError(where, str(exc).removeprefix(f"{exc.key}: ")) from None
 
 
 def _write(path: Path, values: np.ndarray) -> None:
