@@ -204,6 +204,25 @@ def test_pipeline_batches_keep_images_and_labels_together():
     assert sorted(seen) == indices.tolist() and seen != indices.tolist()  # all of them, shuffled
 
 
+def test_an_epoch_of_more_steps_than_one_pass_goes_over_the_patches_again_reshuffled():
+    """trainer.steps_per_epoch above one pass: the same optimizer steps for every data size (an honest
+    learning curve), each pass in another order, every epoch a function of (seed, epoch)."""
+    n = 40
+    images = np.zeros((n, 96, 96, 3), np.uint8)
+    images[:, 0, 0, 0] = np.arange(n)
+
+    def epochs(first, last):
+        batches = make_dataset(images, np.zeros(n, np.int8), np.arange(n), 8, shuffle=True, seed=5,
+                               epochs=(first, last), steps=12)
+        return [x.numpy()[:, 0, 0, 0].astype(int) for x, _ in batches]
+    both = epochs(0, 2)
+    assert len(both) == 24 and all(len(batch) == 8 for batch in both)  # 12 full batches an epoch
+    first = np.concatenate(both[:12])
+    assert sorted(first[:40]) == list(range(n)) and sorted(first[40:80]) == list(range(n))  # whole passes
+    assert not np.array_equal(first[:40], first[40:80])  # the second pass reshuffled
+    assert all(np.array_equal(a, b) for a, b in zip(both[12:], epochs(1, 2)))  # epoch 1 alone, as a resume sees it
+
+
 @pytest.mark.parametrize("name", ["basic", "notebook", "pathology"])
 def test_compiled_augmentations_run_inside_the_pipeline_and_repeat_with_the_seed(name):
     """Inside tf.data the batch size is unknown when the XLA functions are traced and the last batch

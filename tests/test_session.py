@@ -14,7 +14,8 @@ from conftest import TINY_RUN, compose_config, run_cli, store_overrides
 from mlflow.tracking import MlflowClient
 
 from histo_transfer.tasks.train import main as train
-from histo_transfer.training.session import BatchNormRecalibration, interrupt_between_batches
+from histo_transfer.data.loading import load_training_data
+from histo_transfer.training.session import BatchNormRecalibration, TrainingSession, interrupt_between_batches
 
 
 def test_recalibration_sets_moving_statistics_to_the_mean_of_training_batches():
@@ -99,3 +100,14 @@ def test_debug_profile_logs_a_profiler_trace(tmp_path):
                                                  dst_path=str(tmp_path / "profile"), tracking_uri=cfg.tracking.uri)
     traces = [name for _, _, names in os.walk(folder) for name in names if name.endswith(".xplane.pb")]
     assert traces and all(os.path.getsize(os.path.join(r, n)) > 0 for r, _, ns in os.walk(folder) for n in ns)
+
+
+def test_steps_per_epoch_gives_every_data_size_the_same_optimizer_steps(tmp_path):
+    """What an honest learning curve over data.frac needs: the data size the only thing that changes."""
+    def steps(*overrides):
+        cfg = compose_config([*TINY_RUN, *store_overrides(tmp_path), *overrides])
+        return TrainingSession(cfg, load_training_data(cfg.data)).steps
+
+    assert steps() == 8  # one pass: 128 training patches in batches of 16
+    assert steps("data.frac=0.25", "trainer.steps_per_epoch=20") == steps("trainer.steps_per_epoch=20") == 20
+    assert steps("trainer.steps_per_epoch=3") == 3  # debug=fast's short epochs

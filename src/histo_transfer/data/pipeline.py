@@ -38,7 +38,8 @@ def make_dataset(images, labels: np.ndarray, indices: np.ndarray, batch_size: in
     step waits for the GIL. Unshuffled batches come in index order. With `shuffle`, the dataset holds
     the epochs `epochs[0]` up to `epochs[1]` back to back (fit with steps_per_epoch); epoch e's order
     and augmentations depend only on (seed, e), so a resumed run sees what it would have seen;
-    `steps` caps the batches of each epoch (debug runs). `extra` (shuffled only): its patches are
+    `steps`: the batches of each epoch, fewer than one pass cutting it short (debug runs), more
+    going over the patches again, reshuffled (the same optimizer steps for every data size). `extra` (shuffled only): its patches are
     mixed in, seeded as the order is, and batches become (images, targets, sample weights).
     The model casts the uint8 images itself, on its own device.
     """
@@ -70,6 +71,8 @@ def make_dataset(images, labels: np.ndarray, indices: np.ndarray, batch_size: in
                                                           stop_on_empty_dataset=False)
             stream = stream.apply(tf.data.experimental.assert_cardinality(size))
         shuffled = stream.shuffle(min(SHUFFLE_BUFFER, size), seed=seed * 1_000_003 + epoch)
+        if steps and steps > steps_per_epoch(size, batch_size):
+            shuffled = shuffled.repeat()  # each pass in another order, still a function of (seed, epoch)
         batches = shuffled.batch(batch_size).map(labelled)
         batches = (batches.take(steps) if steps else batches).enumerate()
         # a stateless seed pair per batch for the augmentation: (seed + epoch, batch number)

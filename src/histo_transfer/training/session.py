@@ -267,9 +267,7 @@ class TrainingSession:
         if trainer.overfit_batches:  # debug=overfit: the same few batches to train and validate on
             self.train_indices = self.val_indices = self.train_indices[: trainer.overfit_batches * trainer.batch_size]
         trained_on = len(self.train_indices) + (len(self.extra.indices) if self.extra else 0)
-        self.steps = steps_per_epoch(trained_on, trainer.batch_size)
-        if trainer.steps_per_epoch:
-            self.steps = min(self.steps, trainer.steps_per_epoch)
+        self.steps = trainer.steps_per_epoch or steps_per_epoch(trained_on, trainer.batch_size)
         self.augment = build_augmentation(cfg.augmentation, trainer.seed)
 
     def train_dataset(self, first_epoch: int, last_epoch: int) -> tf.data.Dataset:
