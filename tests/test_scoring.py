@@ -86,6 +86,22 @@ def test_tta_averages_the_views(trained, tta, views):
     assert np.allclose(got, expected, atol=1e-5)
 
 
+def test_an_ensemble_is_scored_without_tensorflows_retracing_warning(caplog):
+    """Each member needs its own traces (and one for a smaller last batch): none is a user's problem."""
+    from histo_transfer.evaluation.inference import ensemble_probabilities
+
+    def member():
+        inputs = keras.Input((96, 96, 3))
+        pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(inputs))
+        return keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(pooled))
+
+    images = np.random.default_rng(0).integers(0, 256, (70, 96, 96, 3)).astype(np.uint8)
+    with caplog.at_level("WARNING", logger="tensorflow"):
+        probabilities = ensemble_probabilities([member() for _ in range(6)], images, batch_size=32, tta="dihedral8")
+    assert probabilities.shape == (70,) and np.isfinite(probabilities).all()
+    assert not [r.getMessage() for r in caplog.records if "retracing" in r.getMessage()]
+
+
 @pytest.mark.parametrize(("ids", "labels", "message"), [
     (["a", "b"], [0.1, 0.2], "lacks id c (1 missing of 3)"),
     (["a", "b", "b", "c"], [0.1, 0.2, 0.2, 0.3], "has id b more than once"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,9 @@ def dihedral8(images) -> list:
     """The 4 rotations, each also mirrored."""
     import tensorflow as tf
 
-    rotations = [tf.image.rot90(images, k) for k in range(4)]
+    # tf.image.rot90 would check the shape with an Assert, which Grappler warns about at every trace
+    transposed = tf.transpose(images, [0, 2, 1, 3])
+    rotations = [images, tf.reverse(transposed, [1]), tf.reverse(images, [1, 2]), tf.reverse(transposed, [2])]
     return rotations + [tf.reverse(view, [2]) for view in rotations]
 
 
@@ -86,16 +89,19 @@ def scoring_step(model, tta: str = "none"):
     """The compiled step that maps a batch of patches to their probabilities, averaged over the TTA views."""
     import tensorflow as tf
 
-    views = TTA[tta]
+    # a partial, not a closure: TensorFlow counts traces per function code, so the members of an
+    # ensemble (one trace each, and one for a smaller last batch) would add up to its "frequent
+    # retracing" warning, about traces that are all needed
+    return tf.function(functools.partial(_views_mean, model, TTA[tta]), reduce_retracing=True)
 
-    @tf.function(reduce_retracing=True)
-    def step(batch):
-        batches = views(batch)
-        stacked = tf.concat(batches, axis=0)
-        probabilities = tf.cast(model(stacked, training=False), tf.float32)
-        return tf.reduce_mean(tf.reshape(probabilities, [len(batches), -1]), axis=0)
 
-    return step
+def _views_mean(model, views, batch):
+    import tensorflow as tf
+
+    batches = views(batch)
+    stacked = tf.concat(batches, axis=0)
+    probabilities = tf.cast(model(stacked, training=False), tf.float32)
+    return tf.reduce_mean(tf.reshape(probabilities, [len(batches), -1]), axis=0)
 
 
 def submission_frame(ids, probabilities, expected_ids=None) -> pd.DataFrame:
