@@ -71,6 +71,8 @@ def test_the_teachers_probabilities_are_kept_once_and_read_back_without_the_teac
     client = MlflowClient(cfg.tracking.uri)
     [run] = client.search_runs(["1"])
     assert run.info.status == "FINISHED" and run.data.tags[DISTILL_TEACHER_TAGS[0]] == str(teacher_file)
+    val_loss = [m.value for m in client.get_metric_history(run.info.run_id, "val_loss")]
+    assert val_loss and all(np.isfinite(val_loss))  # the labels' loss: validation batches carry no teacher
     assert run.data.tags[DISTILL_TEACHER_TAGS[1]] == f"{teacher_file} sha256:{hashlib.sha256(teacher_file.read_bytes()).hexdigest()}"
 
     def never(*args, **kwargs):

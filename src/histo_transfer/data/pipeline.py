@@ -52,8 +52,11 @@ def make_dataset(images, labels: np.ndarray, indices: np.ndarray, batch_size: in
     main = _patches(images, indices, count)
     size = in_main = int(main.cardinality())
 
+    columns = 1 if targets.ndim == 1 else targets.shape[1]
+
     def labelled(index, image):  # (B, 1); (B, k) for targets of k columns (a label and a teacher's)
-        target = tf.reshape(tf.gather(targets_t, index), (tf.shape(index)[0], -1))
+        # k known to the graph: a loss tells validation's labels from training's pairs by it
+        target = tf.reshape(tf.gather(targets_t, index), (tf.shape(index)[0], columns))
         return (image, target) if extra is None else (image, target, tf.gather(weights_t, index))
 
     if not shuffle:

@@ -33,6 +33,8 @@ class DistillationLoss(keras.losses.Loss):
     def call(self, y_true, y_pred):
         y_pred = ops.cast(y_pred, "float32")
         hard = keras.losses.binary_crossentropy(y_true[:, :1], y_pred, label_smoothing=self.label_smoothing)
+        if y_true.shape[-1] is None:  # it would take the pairs' branch and average over no teacher: NaN
+            raise ValueError("distillation targets need a known number of columns (1: labels, 2: with the teacher's)")
         if y_true.shape[-1] == 1:  # validation: the labels alone
             return hard
         t = self.temperature
