@@ -4,6 +4,9 @@ record of its teacher, resuming (a teacher that is a CV's fold ensemble: test_cr
 from __future__ import annotations
 
 import hashlib
+import json
+import zipfile
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -73,6 +76,10 @@ def test_the_teachers_probabilities_are_kept_once_and_read_back_without_the_teac
     assert run.info.status == "FINISHED" and run.data.tags[DISTILL_TEACHER_TAGS[0]] == str(teacher_file)
     val_loss = [m.value for m in client.get_metric_history(run.info.run_id, "val_loss")]
     assert val_loss and all(np.isfinite(val_loss))  # the labels' loss: validation batches carry no teacher
+    saved = Path(client.download_artifacts(run.info.run_id, "model/model.keras", str(tmp_path / "saved")))
+    with zipfile.ZipFile(saved) as archive:  # a plain classifier: predict.py and `mlflow models serve` load it
+        compiled = json.loads(archive.read("config.json"))["compile_config"]
+    assert compiled["loss"]["class_name"] == "BinaryCrossentropy" and "histo_transfer" not in json.dumps(compiled)
     assert run.data.tags[DISTILL_TEACHER_TAGS[1]] == f"{teacher_file} sha256:{hashlib.sha256(teacher_file.read_bytes()).hexdigest()}"
 
     def never(*args, **kwargs):

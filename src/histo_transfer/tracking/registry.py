@@ -121,7 +121,8 @@ def _load_keras(path: Path, ref: str):
     import keras
 
     try:
-        return keras.models.load_model(path, safe_mode=True)
+        # compile=False: scoring needs no loss, and a model saved with a custom one still loads
+        return keras.models.load_model(path, safe_mode=True, compile=False)
     except ValueError as exc:
         if "safe_mode" in str(exc) or "Lambda" in str(exc):
             raise UserError(f"model {ref}: refused, the file carries arbitrary Python code (a Lambda layer) that "

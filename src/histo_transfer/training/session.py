@@ -248,6 +248,11 @@ def progress_verbosity(progress: str) -> int:
     return {"bar": 1, "epoch": 2, "none": 0}[progress]
 
 
+def _compile_classifier(model, optimizer, label_smoothing: float) -> None:
+    model.compile(optimizer=optimizer, loss=keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing),
+                  metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")])
+
+
 class TrainingSession:
     """The data of one training (a run, a trial, a fold), its datasets, model and fit loop."""
 
@@ -287,13 +292,19 @@ class TrainingSession:
         optimizer, callbacks = build_optimizer(cfg.optimizer, self.steps * cfg.trainer.epochs, self.objective)
         smoothing = cfg.trainer.label_smoothing
         if self.teacher is None:
-            loss = keras.losses.BinaryCrossentropy(label_smoothing=smoothing)
-            metrics = [keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")]
+            _compile_classifier(model, optimizer, smoothing)
         else:
-            loss = DistillationLoss(cfg.distill.alpha, cfg.distill.temperature, smoothing)
-            metrics = [LabelAccuracy(name="accuracy"), LabelAUC(name="auc")]
-        model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
+            model.compile(optimizer=optimizer, loss=DistillationLoss(cfg.distill.alpha, cfg.distill.temperature, smoothing),
+                          metrics=[LabelAccuracy(name="accuracy"), LabelAUC(name="auc")])
         return model, backbone, callbacks
+
+    def for_export(self, model):
+        """`model` as every classifier of this project is saved: a distilling run's loss and metrics, which
+        read a teacher's column, replaced by the plain ones, so that predict.py, evaluate.py and `mlflow
+        models serve` load it without this package's classes. Checkpoints keep the distilling ones."""
+        if self.teacher is not None:
+            _compile_classifier(model, model.optimizer, self.cfg.trainer.label_smoothing)
+        return model
 
     def schedule_callbacks(self) -> list:
         """The schedule's callbacks alone, for a model whose optimizer was restored (a resumed run)."""

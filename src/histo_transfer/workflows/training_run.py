@@ -264,7 +264,7 @@ def _finish(cfg: DictConfig, started: _Started, built: _Built, result: FitResult
         outbox.metrics(result.best, step=0)
     outbox.metrics(result.best_metrics())
     _log_evaluation(model, session, result, outbox)
-    outbox.keras_model(model, session.data.images[session.data.val_indices[:4]])
+    outbox.keras_model(session.for_export(model), session.data.images[session.data.val_indices[:4]])
     objective, best = session.objective, result.best[session.objective.metric]
     scored = (f"{objective.metric} **{best:.4f}** for the average of epochs "
               f"{result.best_epoch - result.averaged_epochs + 1}-{result.best_epoch}" if result.averaged_epochs else
