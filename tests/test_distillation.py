@@ -70,7 +70,9 @@ def test_the_teachers_probabilities_are_kept_once_and_read_back_without_the_teac
     data = load_training_data(cfg.data)
     [kept] = (data.patches.folder / teachers.TEACHERS_DIR).glob("*.npy")
     expected = predict_probabilities(keras.models.load_model(teacher_file), data.images, tta="flips", progress=False)
-    assert np.allclose(np.load(kept), expected, atol=1e-6)  # every patch, as the teacher scores it with its TTA
+    stored = np.load(kept)  # the training patches, as the teacher scores them with its TTA; no other
+    assert np.allclose(stored[data.train_indices], expected[data.train_indices], atol=1e-6)
+    assert np.isnan(np.delete(stored, data.train_indices)).all()
     client = MlflowClient(cfg.tracking.uri)
     [run] = client.search_runs(["1"])
     assert run.info.status == "FINISHED" and run.data.tags[DISTILL_TEACHER_TAGS[0]] == str(teacher_file)
@@ -90,6 +92,16 @@ def test_the_teachers_probabilities_are_kept_once_and_read_back_without_the_teac
     train(compose_config([*overrides, "trainer.seed=7"]))  # another run, the same teacher and data
     assert {r.info.status for r in client.search_runs(["1"])} == {"FINISHED"}
     assert len(list(kept.parent.iterdir())) == 1
+
+    monkeypatch.undo()  # another split of the same data: only its training patches not yet scored
+    scored = []
+    monkeypatch.setattr(teachers, "ensemble_probabilities",
+                        lambda models, images, *args: scored.append(len(images)) or np.full(len(images), 0.5, np.float32))
+    other = compose_config([*overrides, "data.seed=3"])
+    train(other)
+    added = np.setdiff1d(load_training_data(other.data).train_indices, data.train_indices)
+    assert scored == [len(added)] and 0 < len(added) < len(data.train_indices)
+    assert np.array_equal(np.load(kept)[data.train_indices], stored[data.train_indices])  # kept, not recomputed
 
 
 @pytest.mark.slow

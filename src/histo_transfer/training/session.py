@@ -257,7 +257,7 @@ class TrainingSession:
     """The data of one training (a run, a trial, a fold), its datasets, model and fit loop."""
 
     def __init__(self, cfg, data: TrainingData, teacher: np.ndarray | None = None, pseudo=None):
-        """`teacher`: a teacher's probability for every patch of `data` (distill.teacher), trained
+        """`teacher`: a teacher's probability for each training patch of `data` (distill.teacher), trained
         against beside the labels. `pseudo`: pseudo-labelled patches (workflows.pseudo_labels) that join
         the training patches, the teacher's probability as their second target when distilling."""
         self.cfg, self.data, self.teacher = cfg, data, teacher

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from histo_transfer.config.errors import ConfigError, DiskFull
-from histo_transfer.data.cache import PackedPatches
+from histo_transfer.data.cache import PackedPatches, Rows
 from histo_transfer.evaluation.inference import ensemble_probabilities
 from histo_transfer.tracking.registry import load_model, member_refs, pinned_ref
 
@@ -38,11 +38,14 @@ class Teacher:
         return {given: str(teacher_cfg.teacher), members: ",".join(self.members)[:5000]}
 
 
-def teacher_probabilities(teacher_cfg, patches: PackedPatches, where: str, batch_size: int = 256) -> Teacher:
+def teacher_probabilities(teacher_cfg, patches: PackedPatches, where: str, needed: np.ndarray | None = None,
+                          batch_size: int = 256) -> Teacher:
     """The probabilities of `teacher_cfg.teacher` (with its tta; an ensemble's members combined by its
-    `method`) for every patch of `patches`, from the file kept for this teacher and packed data set (the
-    cache folder's name holds the data's fingerprint), else computed and kept. `where` is the config key
-    (distill.teacher, pseudo.teacher) that a bad reference is reported under."""
+    `method`) for the patches `needed` of `patches` (default: all), read from the file kept for this
+    teacher and packed data set (the cache folder's name holds the data's fingerprint), the ones it
+    lacks computed and added. The array has one value per patch, NaN where none was needed yet: a
+    training run scores its training patches only, the next split or fold adds its own. `where` is the
+    config key (distill.teacher, pseudo.teacher) that a bad reference is reported under."""
     with _reported_as(where):
         refs = member_refs(teacher_cfg.teacher, teacher_cfg.top_k)  # a list too
         members = [pinned_ref(ref) for ref in refs]
@@ -51,19 +54,26 @@ def teacher_probabilities(teacher_cfg, patches: PackedPatches, where: str, batch
                                      "data": folder.name}).encode()).hexdigest()[:16]
     path = folder / TEACHERS_DIR / f"{key}.npy"
     count = len(patches.labels)
+    needed = np.arange(count) if needed is None else np.unique(np.asarray(needed, dtype=np.int64))
+    kept = np.full(count, np.nan, dtype=np.float32)
     if path.is_file():
-        kept = np.load(path)
-        if kept.shape == (count,):
-            log.info("the teacher's probabilities from %s", path)
-            return Teacher(kept, members, path)
-        log.warning("%s holds %s values for %d patches: computed again", path, kept.shape, count)
+        stored = np.load(path)
+        if stored.shape == (count,):
+            kept = stored
+        else:
+            log.warning("%s holds %s values for %d patches: computed again", path, stored.shape, count)
+    missing = needed[np.isnan(kept[needed])]
+    if not missing.size:
+        log.info("the teacher's probabilities from %s", path)
+        return Teacher(kept, members, path)
     log.info("scoring %d patches of %s with the teacher (%d model(s), tta=%s), once for this data set",
-             count, folder.name, len(members), teacher_cfg.tta)
+             missing.size, folder.name, len(members), teacher_cfg.tta)
     with _reported_as(where):
         models = [load_model(ref).model for ref in refs]
-    probabilities = ensemble_probabilities(models, patches.images, batch_size, teacher_cfg.tta, teacher_cfg.method)
-    _write(path, probabilities.astype(np.float32))
-    return Teacher(probabilities, members, path)
+    kept[missing] = ensemble_probabilities(models, Rows(patches.images, missing), batch_size, teacher_cfg.tta,
+                                           teacher_cfg.method)
+    _write(path, kept)
+    return Teacher(kept, members, path)
 
 
 @contextlib.contextmanager

@@ -214,7 +214,7 @@ def _start(cfg: DictConfig, context: RunContext, run_id: str, resumed: ResumeSta
     _log_data(data, cfg.data.name, outbox)
     teacher = None
     if cfg.distill.teacher is not None:
-        teacher = teacher_probabilities(cfg.distill, data.patches, "distill.teacher")
+        teacher = teacher_probabilities(cfg.distill, data.patches, "distill.teacher", needed=data.train_indices)
         outbox.tags(teacher.tags(cfg.distill, DISTILL_TEACHER_TAGS))
     pseudo = pseudo_labelled(cfg, data.root, outbox) if cfg.pseudo.teacher is not None else None
     session = TrainingSession(cfg, data, teacher.probabilities if teacher else None, pseudo)
