@@ -53,6 +53,21 @@ def test_layout_ids_and_labels(tmp_path):
     assert np.array_equal(data.images[list(data.patches.ids).index("1/p0")], np.asarray(first))
 
 
+def test_class_folders_are_packed_mixed_so_a_shuffle_buffer_smaller_than_the_split_still_mixes_them(tmp_path,
+                                                                                                   monkeypatch):
+    """Packed class after class, an epoch shuffled through a buffer of 8 patches begins with class 0 only."""
+    from histo_transfer.data import pipeline
+
+    root = tmp_path / "set"
+    write_folders(root, counts=(24, 24))
+    data = load(tmp_path, root)
+    assert 8 <= data.labels[:24].sum() <= 16  # the first half of the packed set holds both classes
+    assert list(load(tmp_path, root).patches.ids) == list(data.patches.ids)  # the same order every time
+    monkeypatch.setattr(pipeline, "SHUFFLE_BUFFER", 8)
+    first = next(iter(pipeline.make_dataset(data.images, data.labels, data.train_indices, 8, shuffle=True, seed=0)))
+    assert 0 < first[1].numpy().sum() < 8
+
+
 def test_classes_map_named_folders_to_labels(tmp_path):
     root = tmp_path / "set"
     ids = write_folders(root, classes=("normal", "tumor"), suffix=".png")

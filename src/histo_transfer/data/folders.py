@@ -154,13 +154,19 @@ def _subfolders(folder: Path) -> list[str]:
 
 
 def _concatenate(listings: dict[str, Listing]) -> ImageFiles:
+    """The splits' images as one source, in an order that has nothing to do with their class: training
+    shuffles through a buffer of pipeline.SHUFFLE_BUFFER patches, which cannot mix class folders packed
+    one after the other once a split holds more (its epochs began with one class, and an epoch cut
+    short by trainer.steps_per_epoch saw little of the last)."""
     paths, ids, labels, groups = [], [], [], []
     for group, listing in listings.items():
         paths += listing.paths
         ids += listing.ids if len(listings) == 1 else [f"{group}/{i}" for i in listing.ids]
         labels += listing.labels
         groups += [group] * len(listing.paths)
-    return ImageFiles(paths, ids, labels, group=groups)
+    order = sorted(range(len(ids)), key=lambda i: hashlib.sha256(f"{labels[i]}/{ids[i]}".encode()).digest())
+    return ImageFiles(*([values[i] for i in order] for values in (paths, ids, labels)),
+                      group=[groups[i] for i in order])
 
 
 def _fingerprint(paths: list[Path], root: Path, salt: list[str]) -> str:

@@ -12,7 +12,7 @@ from histo_transfer import IMAGE_SHAPE
 RECORD_BYTES = int(np.prod(IMAGE_SHAPE))
 
 
-SHUFFLE_BUFFER = 8192  # patches (about 230 MB): sources list patches in random id order already
+SHUFFLE_BUFFER = 8192  # patches (about 230 MB): sources pack patches in an order unrelated to their label
 READ_CHUNK = 256  # records decoded per step
 
 
