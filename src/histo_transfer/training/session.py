@@ -336,10 +336,11 @@ class TrainingSession:
         if trainer.profile_batches and profile_dir is not None:
             every.append(ProfileBatches(profile_dir, *trainer.profile_batches))
         if not model.optimizer.built:
-            # as Keras does under a distribution strategy: built at trace time instead, the optimizer's
-            # variables would make tf.function trace the training step twice (seconds per run; ~20 s
-            # for MobileNetV2 on 2 cores)
-            model.optimizer.build(model.trainable_variables)
+            # as Keras does under a distribution strategy (in its scope, where the variables must be
+            # made): built at trace time instead, the optimizer's variables would make tf.function
+            # trace the training step twice (seconds per run; ~20 s for MobileNetV2 on 2 cores)
+            with model.distribute_strategy.scope():
+                model.optimizer.build(model.trainable_variables)
         with interrupt_between_batches() as stop_on_interrupt:
             history = model.fit(self.train_dataset(initial_epoch, epochs), validation_data=val_ds, epochs=epochs,
                                 initial_epoch=initial_epoch, steps_per_epoch=self.steps,
