@@ -39,8 +39,9 @@ def make_dataset(images, labels: np.ndarray, indices: np.ndarray, batch_size: in
     the epochs `epochs[0]` up to `epochs[1]` back to back (fit with steps_per_epoch); epoch e's order
     and augmentations depend only on (seed, e), so a resumed run sees what it would have seen;
     `steps`: the batches of each epoch, fewer than one pass cutting it short (debug runs), more
-    going over the patches again, reshuffled (the same optimizer steps for every data size). `extra` (shuffled only): its patches are
-    mixed in, seeded as the order is, and batches become (images, targets, sample weights).
+    going over the patches again, reshuffled (the same optimizer steps for every data size).
+    `extra` (shuffled only): its patches are mixed in, seeded as the order is, and batches become
+    (images, targets, sample weights).
     The model casts the uint8 images itself, on its own device.
     """
     count = len(labels)

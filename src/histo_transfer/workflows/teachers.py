@@ -66,7 +66,7 @@ def teacher_probabilities(teacher_cfg, patches: PackedPatches, where: str, neede
     if not missing.size:
         log.info("the teacher's probabilities from %s", path)
         return Teacher(kept, members, path)
-    log.info("scoring %d patches of %s with the teacher (%d model(s), tta=%s), once for this data set",
+    log.info("scoring %d patches of %s with the teacher (%d model(s), tta=%s), kept for later runs",
              missing.size, folder.name, len(members), teacher_cfg.tta)
     with _reported_as(where):
         models = [load_model(ref).model for ref in refs]
