@@ -66,3 +66,74 @@ def test_states_are_ordered_by_epoch_number_and_a_discarded_future_is_pruned(tmp
     assert sorted(p.name for p in checkpoints.folder.iterdir()) == ["epoch_0001"]  # later states: gone
     checkpoints.save(tiny_model(0), None, Progress(run_id="r", epoch=2))
     assert sorted(p.name for p in checkpoints.folder.iterdir()) == ["epoch_0001", "epoch_0002"]
+
+
+def test_uploaded_states_come_back_on_a_machine_without_them_and_a_damaged_one_is_passed_over(tmp_path, caplog):
+    """tracking.upload_checkpoints on a SQLite store (the HTTP path: test_scaleout.py's scancel test):
+    the last two states go into the run's artifacts, and a machine with an empty checkpoint folder
+    gets them back; a slot that an upload cut short falls back to the other; finished runs are not
+    resumed, and their uploaded states are deleted."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from histo_transfer.tracking import remote_checkpoints
+    from histo_transfer.tracking.outbox import Outbox
+    from histo_transfer.tracking.schema import CHECKPOINTS_DIR, CONFIG_TAG
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(store)
+    experiment = client.create_experiment("uploads", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(experiment, tags={CONFIG_TAG: "key"}).info.run_id
+    uploads = remote_checkpoints.CheckpointUploads(Outbox(tmp_path / "unsent" / run_id, run_id, store))
+    here, weights = Checkpoints(tmp_path / "here", "key"), {}
+    for epoch in (1, 2, 3):
+        model = tiny_model(epoch)
+        uploads(here.save(model, [w * 2 for w in model.get_weights()], Progress(run_id=run_id, epoch=epoch)), epoch)
+        weights[epoch] = model.get_weights()
+    slots = tmp_path / "artifacts" / run_id / "artifacts" / CHECKPOINTS_DIR
+    assert sorted(p.name for p in slots.iterdir()) == ["slot_0", "slot_1"]  # epochs 2 and 3, as kept here
+    (slots / "slot_0" / "stray.bin").write_bytes(b"x")  # not listed in its checksums
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(store)
+    try:
+        elsewhere = Checkpoints(tmp_path / "elsewhere", "key")
+        with caplog.at_level(logging.INFO):
+            assert remote_checkpoints.download(experiment, "key", elsewhere) == run_id
+        assert f"the states of epoch(s) 2, 3 of run {run_id} come from the tracking server" in caplog.text
+        resumed = elsewhere.latest()
+        assert resumed.progress.epoch == 3 and resumed.progress.run_id == run_id
+        assert all(np.array_equal(a, b) for a, b in zip(resumed.model().get_weights(), weights[3]))
+        assert all(np.array_equal(a, 2 * b) for a, b in zip(resumed.best_weights(), weights[3]))
+        assert not list(elsewhere.folder.rglob("stray.bin")) and not list(elsewhere.folder.glob(".*"))
+
+        state = slots / "slot_1" / MODEL_FILE  # an upload of epoch 3 cut short
+        state.write_bytes(state.read_bytes()[:100])
+        third = Checkpoints(tmp_path / "third", "key")
+        assert remote_checkpoints.download(experiment, "key", third) == run_id
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert third.latest().progress.epoch == 2
+        assert f"{third.folder / 'epoch_0003'} is damaged ({MODEL_FILE} does not match its checksum)" in caplog.text
+
+        client.set_terminated(run_id, "FINISHED")  # a finished run is not resumed; its states are deleted
+        assert remote_checkpoints.download(experiment, "key", Checkpoints(tmp_path / "fourth", "key")) is None
+        remote_checkpoints.remove(run_id, "uploads")
+        assert client.list_artifacts(run_id, CHECKPOINTS_DIR) == []
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def test_while_the_server_is_away_only_the_newest_state_of_a_slot_waits(tmp_path):
+    from conftest import free_port
+
+    from histo_transfer.tracking.outbox import Outbox
+    from histo_transfer.tracking.remote_checkpoints import CheckpointUploads
+
+    outbox = Outbox(tmp_path / "unsent", "run", f"http://127.0.0.1:{free_port()}")  # nobody answers there
+    here = Checkpoints(tmp_path / "here", "key")
+    for epoch in (1, 2, 3):
+        CheckpointUploads(outbox)(here.save(tiny_model(epoch), None, Progress(run_id="run", epoch=epoch)), epoch)
+    waiting = sorted((item["artifact_path"], item["path"]) for item in outbox.pending)
+    assert waiting == [("checkpoints/slot_0", "files/0002-checkpoint-0002"), ("checkpoints/slot_1", "files/0003-checkpoint-0003")]
+    assert sorted(p.name for p in (tmp_path / "unsent" / "files").iterdir()) == ["0002-checkpoint-0002", "0003-checkpoint-0003"]

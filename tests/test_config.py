@@ -243,3 +243,18 @@ def test_help_names_the_program_says_what_it_does_and_lists_only_user_choices():
     assert "slurm" in groups["hydra/launcher"] and "basic*" in groups["hydra/launcher"]
     chosen = run_cli(["--help", "backbone=tiny_cnn"])
     assert "tiny_cnn*" in chosen.stdout and "mobilenetv2*" not in chosen.stdout  # the screen follows overrides
+
+
+def test_a_configs_key_ignores_where_a_machine_keeps_things_but_not_what_is_trained(tmp_path):
+    """The key finds an interrupted run's state: the same run resumed on another node, with other folders
+    and the server under another name, keeps it; another data root or epoch count does not."""
+    from histo_transfer.config.identity import run_key
+
+    base = ["data.root=/data/pcam", "tracking.uri=https://mlflow.internal:5000"]
+    key = run_key(compose_config(base))
+    elsewhere = [f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}",
+                 f"trainer.checkpoint_dir={tmp_path / 'ckpt'}", "trainer.resume=true", "trainer.progress=none",
+                 "tracking.uri=https://10.0.0.5:5000"]
+    assert run_key(compose_config([*base, *elsewhere])) == key
+    assert run_key(compose_config([*base, "data.root=/data/other"])) != key
+    assert run_key(compose_config([*base, "trainer.epochs=6"])) != key

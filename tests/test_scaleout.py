@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY_RUN, compose_config, free_port, free_port_pair, loopback_server, run_cli, store_overrides
+from conftest import ROOT, TINY_RUN, compose_config, free_port, free_port_pair, loopback_server, run_cli
 from mlflow.tracking import MlflowClient
 
 pytestmark = [pytest.mark.scaleout, pytest.mark.slow]
@@ -254,19 +254,25 @@ def test_a_sweep_on_a_one_node_slurm_cluster(slurm_cluster, team_server, tmp_pat
     assert all("finished: best val_auc" in log.read_text() + log.with_suffix(".err").read_text() for log in logs)
 
 
-def test_a_slurm_job_cancelled_with_scancel_resumes_into_the_same_run(slurm_cluster, tmp_path, monkeypatch):
+def test_a_slurm_job_cancelled_with_scancel_resumes_into_the_same_run_on_another_node(slurm_cluster, team_server,
+                                                                                       tmp_path, monkeypatch):
     """scancel sends SIGTERM (SIGKILL after KillWait): the job checkpoints, ends its run KILLED (SIGTERM)
-    and prints the resume command, which continues the same run from the last epoch."""
+    and prints the resume command. Run where the job's checkpoint folder is not (another node, no shared
+    file system), that command continues the same run from the state the job uploaded to the team
+    server, which deletes it once the run is finished."""
     for key, value in slurm_cluster.items():
         monkeypatch.setenv(key, value)
-    args = [*OUTAGE_RUN, *store_overrides(tmp_path), f"trainer.checkpoint_dir={tmp_path / 'ckpt'}"]  # 3 epochs
+    node = tmp_path / "node1"
+    args = [*OUTAGE_RUN, *server_args(team_server, "scancel", node)]  # 3 epochs, checkpoints under node1/
     log = tmp_path / "job.out"
     submitted = subprocess.run(["sbatch", "--parsable", f"--output={log}", f"--chdir={ROOT}", "--cpus-per-task=1",
                                 "--mem=2G", "--wrap", "exec " + shlex.join([sys.executable, "train.py", *args])],
                                capture_output=True, text=True, check=True)
     job = submitted.stdout.strip().split(";")[0]
+    client = MlflowClient(team_server.uri)
     deadline = time.time() + 300
-    while not list((tmp_path / "ckpt").glob("*/epoch_0001/progress.json")):
+    while not ((runs := team_server.runs("scancel"))
+               and client.list_artifacts(runs[0].info.run_id, "checkpoints/slot_1")):  # epoch 1 is on the server
         assert time.time() < deadline, f"no epoch 1 in 300 s: {log.read_text()[-3000:] if log.exists() else ''}"
         time.sleep(0.2)
     subprocess.run(["scancel", job], check=True)
@@ -274,17 +280,24 @@ def test_a_slurm_job_cancelled_with_scancel_resumes_into_the_same_run(slurm_clus
         assert time.time() < deadline + 120, "the cancelled job did not leave the queue"
         time.sleep(0.5)
     said = log.read_text()
-    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    [killed] = client.search_runs([client.get_experiment_by_name("histo-transfer").experiment_id])
+    [killed] = team_server.runs("scancel")
     assert killed.info.status == "KILLED" and killed.data.tags["error"] == "interrupted (SIGTERM)", said[-3000:]
     assert said.strip().splitlines()[-1].endswith("trainer.resume=true") and "Traceback" not in said
+    assert list((node / "checkpoints").glob("*/epoch_*/state.keras"))
 
-    resumed = run_cli([*args, "trainer.resume=true"])
+    other = tmp_path / "node2"  # the same data (paths.cache_dir), none of node1's folders
+    resumed = run_cli([*OUTAGE_RUN, *server_args(team_server, "scancel", other), f"paths.cache_dir={node / 'cache'}",
+                       "trainer.resume=true"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    [run] = client.search_runs([killed.info.experiment_id])
+    said = resumed.stdout + resumed.stderr
+    assert f"of run {killed.info.run_id} come from the tracking server" in said
+    assert re.search(f"resuming run {killed.info.run_id} after epoch [12] of 3", said)  # not from scratch
+    [run] = team_server.runs("scancel")
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
-    assert sorted({m.step for m in client.get_metric_history(run.info.run_id, "val_auc")}) == [1, 2, 3]
+    history = [m.step for m in client.get_metric_history(run.info.run_id, "val_auc")]
+    assert sorted(set(history)) == [1, 2, 3] and history.count(1) == 1  # epoch 1 was not trained again
+    assert client.list_artifacts(run.info.run_id, "checkpoints") == []
+    assert not list((other / "checkpoints").glob("*/epoch_*"))
 
 
 def test_slides_spread_over_a_one_node_slurm_cluster_one_job_each(slurm_cluster, team_server, tmp_path, monkeypatch):

@@ -13,8 +13,20 @@ import json
 from omegaconf import DictConfig, OmegaConf
 
 
+# Keys that say where this machine keeps things, or how it shows them, not what is trained: left out,
+# so that the same run resumed on another machine (other folders, the server under another name) keeps
+# its key. data.root stays: it says which data.
+MACHINE_KEYS = ("paths", "data.cache_dir", "trainer.checkpoint_dir", "trainer.resume", "trainer.progress",
+                "tracking.uri")
+
+
 def run_key(cfg: DictConfig) -> str:
-    """16 hex digits of the resolved config, `trainer.resume` left out."""
+    """16 hex digits of the resolved config, MACHINE_KEYS left out."""
     plain = OmegaConf.to_container(cfg, resolve=True)
-    plain["trainer"].pop("resume", None)
+    for dotted in MACHINE_KEYS:
+        *parents, name = dotted.split(".")
+        node = plain
+        for parent in parents:
+            node = node.get(parent) or {}
+        node.pop(name, None)
     return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -70,6 +70,7 @@ class TrackingKeys:
     system_metrics: bool
     system_metrics_interval: float = between(0, low_open=True)
     outage_limit_s: float = between(0)
+    upload_checkpoints: Optional[bool] = None
 
 
 @dataclass

@@ -115,8 +115,13 @@ class Outbox:
                 path.mkdir(parents=True)
                 return path
 
-    def artifacts(self, path: Path, artifact_path: str | None = None) -> None:
-        """Send the file or folder `path` (inside `staging`) under `artifact_path`."""
+    def artifacts(self, path: Path, artifact_path: str | None = None, *, supersedes: bool = False) -> None:
+        """Send the file or folder `path` (inside `staging`) under `artifact_path`. `supersedes`: an
+        upload to the same `artifact_path` still queued is dropped (only the newest matters there)."""
+        if supersedes:
+            for item in [i for i in self.pending if i["kind"] == "artifacts" and i["artifact_path"] == artifact_path]:
+                self.pending.remove(item)
+                self._drop_files(item)
         self._put({"kind": "artifacts", "path": str(Path(path).relative_to(self.folder)), "artifact_path": artifact_path})
 
     def text(self, text: str, artifact_file: str) -> None:

@@ -73,6 +73,7 @@ EVALUATION_DIR = "evaluation"  # evaluation report: plots, metrics, predictions
 PREDICTIONS_ARTIFACT = f"{EVALUATION_DIR}/predictions.csv"
 PLOTS_DIR = "plots"
 PROFILE_DIR = "profile"
+CHECKPOINTS_DIR = "checkpoints"  # tracking.upload_checkpoints: the last two epochs' states, while the run is unfinished
 SUMMARY_DIR = "summary"  # a parent run's summary table and plots
 CV_DIR = "cv"
 FOLDS_ARTIFACT = f"{CV_DIR}/folds.csv"

@@ -4,7 +4,9 @@ checksum of each file. The last two epochs are kept: a state that a crash, a ful
 sector left damaged is found by its checksums, and resuming falls back to the one before.
 
 A run is identified by its config's key (config.identity.run_key), so the same command with
-trainer.resume=true finds the state that an interrupted run left.
+trainer.resume=true finds the state that an interrupted run left. Each saved folder can also be handed
+on (EpochCheckpoint's `mirror`: the tracking server's copy), and a folder that comes back from there
+is taken in whole or not at all (`adopt`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import keras
 import numpy as np
@@ -83,7 +86,8 @@ class Checkpoints:
         return None
 
     def save(self, model: keras.Model, best_weights: list | None, progress: Progress,
-             averaged_sum: list | None = None) -> None:
+             averaged_sum: list | None = None) -> Path:
+        """Write the state after epoch `progress.epoch`; returns its folder."""
         final = self.folder / f"epoch_{progress.epoch:04d}"
         staging = self.folder / f".epoch_{progress.epoch:04d}.partial"
         shutil.rmtree(staging, ignore_errors=True)
@@ -114,6 +118,30 @@ class Checkpoints:
         for other in self._epochs():
             if other != final and (not below or other != below[-1]):
                 shutil.rmtree(other, ignore_errors=True)
+        return final
+
+    def adopt(self, state: Path) -> int | None:
+        """Take in a state folder written elsewhere (a copy downloaded from the tracking server) as this
+        run's; returns its epoch, or None when it holds no readable progress (nothing is taken). Only
+        the files its checksums list come along: a copy overwritten in place may hold strays."""
+        try:
+            epoch = int(json.loads((state / PROGRESS_FILE).read_text())["epoch"])
+            listed = json.loads((state / CHECKSUMS_FILE).read_text())
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        final = self.folder / f"epoch_{epoch:04d}"
+        if final.exists():  # a state of this epoch is already here: the local one stands
+            return epoch
+        staging = self.folder / f".epoch_{epoch:04d}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        for name in [*listed, CHECKSUMS_FILE]:
+            # a name that is not a plain file name (a path) never leaves `state`; a missing file is
+            # reported as damage by latest()
+            if Path(name).name == name and (state / name).is_file():
+                shutil.move(state / name, staging / name)
+        staging.rename(final)
+        return epoch
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -168,11 +196,13 @@ def _damage(folder: Path) -> str | None:
 
 class EpochCheckpoint(keras.callbacks.Callback):
     """Saves the state after each epoch; placed after BestEpoch (and WeightAveraging) so the best weights
-    (and the averaged sum) are current."""
+    (and the averaged sum) are current. `mirror(folder, epoch)`, when given, is handed each saved folder."""
 
-    def __init__(self, checkpoints: Checkpoints, best, progress: Progress, averaging=None):
+    def __init__(self, checkpoints: Checkpoints, best, progress: Progress, averaging=None,
+                 mirror: Callable[[Path, int], None] | None = None):
         super().__init__()
         self.checkpoints, self.best, self.progress, self.averaging = checkpoints, best, progress, averaging
+        self.mirror = mirror
 
     def on_epoch_end(self, epoch, logs=None):
         entry = {k: float(v) for k, v in (logs or {}).items()}
@@ -183,4 +213,6 @@ class EpochCheckpoint(keras.callbacks.Callback):
         averaged_sum = None
         if self.averaging is not None:
             self.progress.averaged_epochs, averaged_sum = self.averaging.count, self.averaging.total
-        self.checkpoints.save(self.model, self.best.weights, self.progress, averaged_sum)
+        saved = self.checkpoints.save(self.model, self.best.weights, self.progress, averaged_sum)
+        if self.mirror is not None:
+            self.mirror(saved, self.progress.epoch)

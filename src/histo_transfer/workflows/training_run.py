@@ -28,6 +28,7 @@ from histo_transfer.data.cache import Rows
 from histo_transfer.data.loading import TrainingData, load_training_data
 from histo_transfer.evaluation.gradcam import grad_cam
 from histo_transfer.evaluation.report import plot_training_curves, write_report
+from histo_transfer.tracking import remote_checkpoints
 from histo_transfer.tracking import runs as tracking
 from histo_transfer.tracking.outbox import Outbox, Unsent
 from histo_transfer.tracking.parent_runs import child_runs
@@ -109,7 +110,11 @@ def run_training(cfg: DictConfig, context: RunContext, *, parent_run_id: str | N
     """One complete training run in its own MLflow run (resumed from its checkpoint with trainer.resume)."""
     experiment_id = tracking.setup(cfg.tracking)
     checkpoints = Checkpoints(cfg.trainer.checkpoint_dir, run_key(cfg))
+    uploads = remote_checkpoints.uploads_wanted(cfg.tracking.upload_checkpoints, cfg.tracking.uri)
     resumed = checkpoints.latest() if cfg.trainer.resume else None
+    if cfg.trainer.resume and resumed is None and uploads and remote_checkpoints.download(
+            experiment_id, run_key(cfg), checkpoints):
+        resumed = checkpoints.latest()  # another machine's state, come down through the server
     if cfg.trainer.resume and resumed is None:
         log.warning("trainer.resume=true, but %s holds no intact state of this config: starting a new run",
                     checkpoints.folder)
@@ -132,10 +137,13 @@ def run_training(cfg: DictConfig, context: RunContext, *, parent_run_id: str | N
                                   run_id=resumed.progress.run_id if resumed else None,
                                   system_metrics=cfg.tracking.system_metrics) as run:
             outbox = tracking.run_outbox(run.info.run_id, cfg.paths.output_dir)
-            best = _run(cfg, context, run.info.run_id, checkpoints, resumed, fold, outbox)
+            mirror = remote_checkpoints.CheckpointUploads(outbox) if uploads else None
+            best = _run(cfg, context, run.info.run_id, checkpoints, resumed, fold, outbox, mirror)
             if not outbox.close(wait_s=cfg.tracking.outage_limit_s):
                 outbox.keep("FINISHED")
                 raise Unsent(outbox.folder)
+            if uploads:
+                remote_checkpoints.remove(run.info.run_id, cfg.tracking.experiment)
     except (OSError, DiskFull) as exc:  # a full disk: one line naming where (the run has ended FAILED)
         if isinstance(exc, OSError) and not DiskFull.caused(exc):
             raise
@@ -159,15 +167,15 @@ def run_training(cfg: DictConfig, context: RunContext, *, parent_run_id: str | N
 
 
 def _run(cfg: DictConfig, context: RunContext, run_id: str, checkpoints: Checkpoints, resumed: ResumeState | None,
-         fold: Fold | None, outbox: Outbox) -> float:
+         fold: Fold | None, outbox: Outbox, mirror: remote_checkpoints.CheckpointUploads | None) -> float:
     """The body of a training run, inside its MLflow run; `resumed` is the state of an interrupted one.
     Once training starts, every record goes through `outbox`, so a tracking server that goes away
-    never stops it."""
+    never stops it; so does each epoch's state when `mirror` is given."""
     strategy = make_strategy(cfg.trainer)  # first: multi-worker and CPU splitting must precede other TF work
     started = _start(cfg, context, run_id, resumed, fold, outbox, strategy)
     with strategy.scope():
         built = _build(started, resumed)
-    result = _fit(cfg, started, built, checkpoints, outbox)
+    result = _fit(cfg, started, built, checkpoints, outbox, mirror)
     return _finish(cfg, started, built, result, outbox)
 
 
@@ -235,10 +243,12 @@ def _build(started: _Started, resumed: ResumeState | None) -> _Built:
                   WeightAveraging.for_trainer(session.cfg.trainer, resumed.averaged_sum(), progress.averaged_epochs))
 
 
-def _fit(cfg: DictConfig, started: _Started, built: _Built, checkpoints: Checkpoints, outbox: Outbox) -> FitResult:
-    """The session's fit, checkpointed and logged after every epoch; the profile when asked for."""
+def _fit(cfg: DictConfig, started: _Started, built: _Built, checkpoints: Checkpoints, outbox: Outbox,
+         mirror) -> FitResult:
+    """The session's fit, checkpointed (and the state uploaded, with a `mirror`) and logged after every
+    epoch; the profile when asked for."""
     session, progress = started.session, started.progress
-    after_best = (EpochCheckpoint(checkpoints, built.best, progress, built.averaging),
+    after_best = (EpochCheckpoint(checkpoints, built.best, progress, built.averaging, mirror),
                   tracking.epoch_metrics_callback(EPOCH_METRICS, session.steps * cfg.trainer.batch_size, outbox.metrics))
     if not started.resumed:
         _log_augmentation_examples(session, outbox)
