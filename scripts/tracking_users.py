@@ -6,7 +6,7 @@
     python scripts/tracking_users.py --uri https://mlflow.internal:5000 grant bob tumour-classifier READ --model
 
 Permissions (MLflow's basic-auth app): READ sees runs and models, EDIT also records runs (what training
-needs), MANAGE also grants others; NO_PERMISSIONS hides the experiment. A user who creates an experiment
+needs), MANAGE also grants others and deletes; DENY hides the experiment. A user who creates an experiment
 manages it; granting on an experiment nobody has recorded into yet creates it. The password is read
 from a file (or typed), never taken on the command line. Exit 2 on any refusal, with one line.
 """

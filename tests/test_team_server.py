@@ -30,6 +30,7 @@ HOST = "127.0.0.2"
 ADMIN = ("admin", "adm1n-Pass-for-tests-7431")
 EDITOR = ("editor", "ed1tor-Pass-for-tests-9902")
 READER = ("reader", "re4der-Pass-for-tests-5527")
+STRANGER = ("stranger", "str4nger-Pass-for-tests-3318")  # DENY on the experiment
 SCRIPT = ROOT / "scripts" / "tracking_server.sh"
 
 
@@ -114,14 +115,14 @@ def team():
     server.start()
     # the documented way to add a user: scripts/tracking_users.py, as the admin
     admin_env = {**os.environ, **server.client_env(ADMIN)}
-    for user, password in (EDITOR, READER):
+    for user, password in (EDITOR, READER, STRANGER):
         (folder / f"{user}.pw").write_text(password + "\n")
         added = subprocess.run([sys.executable, "scripts/tracking_users.py", "--uri", server.uri, "add", user,
                                 "--password-file", str(folder / f"{user}.pw")], cwd=ROOT, env=admin_env,
                                capture_output=True, text=True, timeout=120)
         assert added.returncode == 0, added.stderr
     server.api("POST", "experiments/create", json={"name": "team"})
-    for user, permission in ((EDITOR[0], "EDIT"), (READER[0], "READ")):
+    for user, permission in ((EDITOR[0], "EDIT"), (READER[0], "READ"), (STRANGER[0], "DENY")):
         granted = subprocess.run([sys.executable, "scripts/tracking_users.py", "--uri", server.uri, "grant", user,
                                   "team", permission], cwd=ROOT, env=admin_env, capture_output=True, text=True, timeout=120)
         assert granted.returncode == 0 and f"{user} has {permission} on experiment team" in granted.stdout, granted.stderr
@@ -204,6 +205,38 @@ def test_a_read_only_user_is_stopped_before_training_and_no_run_is_made(team, tm
     assert len(runs_in_as(team, ADMIN, "team", monkeypatch)) == before
 
 
+@pytest.mark.scaleout
+@pytest.mark.slow
+def test_a_user_denied_the_experiment_is_stopped_with_one_line(team, tmp_path, monkeypatch):
+    """DENY: the server answers 403 to the experiment's very lookup."""
+    for key, value in team.client_env(STRANGER).items():
+        monkeypatch.setenv(key, value)
+    result = run_cli([*TINY_RUN, "tracking=server", f"tracking.uri={team.uri}", "tracking.experiment=team",
+                      f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"])
+    assert result.returncode == 2, result.stderr[-3000:]
+    [line] = [text for text in result.stderr.splitlines() if text.startswith("error")]
+    assert "user 'stranger' may not see experiment 'team'" in line and "ask an admin for EDIT on it" in line
+    assert "Traceback" not in result.stderr and STRANGER[1] not in result.stdout + result.stderr
+
+
+@pytest.mark.scaleout
+@pytest.mark.slow
+def test_a_server_name_that_host_does_not_allow_is_one_line_naming_allowed_hosts(team, tmp_path, monkeypatch):
+    """The same address under another name (127.0.0.2 written as one number): the server answers its
+    /health, then refuses the Host header (MLflow's guard against DNS rebinding)."""
+    for key, value in team.client_env(EDITOR).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("MLFLOW_TRACKING_SERVER_CERT_PATH")  # its certificate names 127.0.0.2, not this name
+    monkeypatch.setenv("MLFLOW_TRACKING_INSECURE_TLS", "true")
+    other_name = f"https://{int(ipaddress.ip_address(HOST))}:{team.port}"
+    result = run_cli([*TINY_RUN, "tracking=server", f"tracking.uri={other_name}", "tracking.experiment=team",
+                      f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"])
+    assert result.returncode == 2, result.stderr[-3000:]
+    [line] = [text for text in result.stderr.splitlines() if text.startswith("error")]
+    assert "answered /api/2.0/mlflow/users/current with 403 (Invalid Host header" in line
+    assert line.endswith("start it with --allowed-hosts naming it") and "Traceback" not in result.stderr
+
+
 def runs_in_as(team: TeamServer, user, experiment: str, monkeypatch) -> list:
     with monkeypatch.context() as scoped:
         for key, value in team.client_env(user).items():
@@ -241,8 +274,9 @@ def test_a_4_job_sweep_rides_out_a_restart_of_the_server_and_records_no_secret(t
     """Through HTTPS as `editor`, with a cloud secret in the jobs' environment: the server is stopped and
     started again once every job has its run; every job finishes with every epoch, the parent's summary
     is complete, models and configs come back through the server's proxy, no secret is in any record."""
-    secret = "s3cr3t-cloud-key-do-not-log"
-    env = {**os.environ, **team.client_env(EDITOR), "AWS_SECRET_ACCESS_KEY": secret}
+    secret, token = "s3cr3t-cloud-key-do-not-log", "t0ken-for-another-server-do-not-log"
+    # a bearer token beside the user and password: MLflow sends the password (basic auth) and keeps the token
+    env = {**os.environ, **team.client_env(EDITOR), "AWS_SECRET_ACCESS_KEY": secret, "MLFLOW_TRACKING_TOKEN": token}
     epochs = 2  # TINY_RUN's: the restart meets the jobs training or waiting to send their last records
     sweep = subprocess.Popen(
         [sys.executable, "train.py", "-m", *TINY_RUN, "tracking.system_metrics=false", "hydra/launcher=parallel", "trainer.seed=1,2,3,4", "tracking=server",
@@ -275,6 +309,10 @@ def test_a_4_job_sweep_rides_out_a_restart_of_the_server_and_records_no_secret(t
     for child in children:
         for metric in EPOCH_METRICS:
             assert [m.step for m in client.get_metric_history(child.info.run_id, metric)] == list(range(1, epochs + 1))
+        # each epoch's state went up through the proxy; the job deleted it once finished (the editor
+        # created this experiment, so holds MANAGE on it)
+        assert client.list_artifacts(child.info.run_id, "checkpoints") == []
+    assert "stay among its artifacts" not in output
 
     # proxied artifacts: everything comes back over HTTPS, and nothing in it (nor in params, tags, the
     # jobs' logs and output folders) holds a password or the secret
@@ -284,7 +322,7 @@ def test_a_4_job_sweep_rides_out_a_restart_of_the_server_and_records_no_secret(t
     assert f"seed: {children[0].data.params['trainer.seed']}" in (downloaded / "config" / "config.yaml").read_text()
     for other in children[1:]:
         client.download_artifacts(other.info.run_id, "config", str(tmp_path / "download" / other.info.run_id))
-    secrets = [secret, EDITOR[1], ADMIN[1]]
+    secrets = [secret, token, EDITOR[1], ADMIN[1]]
     records = {f"run {r.info.run_id}": json.dumps([r.data.params, r.data.tags]) for r in runs}
     records.update({f"the sweep's output, line {n}": line for n, line in enumerate(output.splitlines())})
     files = [p for p in tmp_path.rglob("*") if p.is_file()]

@@ -96,7 +96,9 @@ def require_write_access(uri: str, user: dict | None, experiment_id: str, experi
 
 # --- an admin's side: users and grants (scripts/tracking_users.py) ---------------------------------------
 
-PERMISSIONS = ("READ", "USE", "EDIT", "MANAGE", "NO_PERMISSIONS")
+# what a grant on one experiment or registered model may give (MLflow 3.17 refuses NO_PERMISSIONS there:
+# it is only a server-wide --default-permission; DENY withholds even what the default would give)
+PERMISSIONS = ("READ", "USE", "EDIT", "MANAGE", "DENY")
 
 
 def _call(uri: str, endpoint: str, method: str, **kwargs):

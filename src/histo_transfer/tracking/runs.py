@@ -40,7 +40,7 @@ def setup(tracking_cfg, write: bool = True) -> str:
     try:
         experiment = mlflow.get_experiment_by_name(name)
     except MlflowException as exc:
-        if exc.get_http_status_code() != 403:  # PERMISSION_DENIED: NO_PERMISSIONS on it
+        if exc.get_http_status_code() != 403:  # PERMISSION_DENIED: DENY on it, or no grant under --default-permission NO_PERMISSIONS
             raise
         raise UserError(f"user '{user['username'] if user else '?'}' may not see experiment '{name}' of "
                         f"{redact_uri(uri)}: ask an admin for EDIT on it, or use another (tracking.experiment=...)") from None
