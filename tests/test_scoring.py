@@ -86,8 +86,9 @@ def test_tta_averages_the_views(trained, tta, views):
     assert np.allclose(got, expected, atol=1e-5)
 
 
-def test_an_ensemble_is_scored_without_tensorflows_retracing_warning(caplog):
-    """Each member needs its own traces (and one for a smaller last batch): none is a user's problem."""
+def test_an_ensemble_is_scored_without_tensorflows_retracing_warning_or_onednns_uint8_line(caplog, capfd):
+    """Each member needs its own traces (and one for a smaller last batch): none is a user's problem. Nor is
+    oneDNN's "supports DT_UINT8 only on platforms with AVX-512", which uint8 views printed (C++, on fd 2)."""
     from histo_transfer.evaluation.inference import ensemble_probabilities
 
     def member():
@@ -100,6 +101,7 @@ def test_an_ensemble_is_scored_without_tensorflows_retracing_warning(caplog):
         probabilities = ensemble_probabilities([member() for _ in range(6)], images, batch_size=32, tta="dihedral8")
     assert probabilities.shape == (70,) and np.isfinite(probabilities).all()
     assert not [r.getMessage() for r in caplog.records if "retracing" in r.getMessage()]
+    assert "DT_UINT8" not in capfd.readouterr().err
 
 
 @pytest.mark.parametrize(("ids", "labels", "message"), [

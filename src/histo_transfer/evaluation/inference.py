@@ -79,7 +79,9 @@ def predict_probabilities(model, images, batch_size: int = 256, tta: str = "none
     out = np.empty(len(images), dtype=np.float32)
     with tqdm(total=len(images), desc=f"predicting (tta={tta})", unit="img", disable=None if progress else True) as bar:
         for start in range(0, len(images), batch_size):
-            batch = np.asarray(images[start:start + batch_size])
+            # float32 before the TTA views (the model takes float32 anyway): oneDNN has no uint8 transpose
+            # without AVX-512, and says so on the console; a cast inside the step would be moved after it
+            batch = np.asarray(images[start:start + batch_size], dtype=np.float32)
             out[start:start + len(batch)] = step(tf.constant(batch)).numpy()
             bar.update(len(batch))
     return out
