@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import logging
 
 import keras
@@ -68,11 +69,10 @@ def test_states_are_ordered_by_epoch_number_and_a_discarded_future_is_pruned(tmp
     assert sorted(p.name for p in checkpoints.folder.iterdir()) == ["epoch_0001", "epoch_0002"]
 
 
-def test_uploaded_states_come_back_on_a_machine_without_them_and_a_damaged_one_is_passed_over(tmp_path, caplog):
+def test_uploaded_states_come_back_where_they_are_later_than_the_local_ones(tmp_path, caplog):
     """tracking.upload_checkpoints on a SQLite store (the HTTP path: test_scaleout.py's scancel test):
-    the last two states go into the run's artifacts, and a machine with an empty checkpoint folder
-    gets them back; a slot that an upload cut short falls back to the other; finished runs are not
-    resumed, and their uploaded states are deleted."""
+    the last two states go into the run's artifacts; a machine with no state, or an older one, takes
+    them back; a slot that an upload cut short falls back to the other; a finished run's are deleted."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -84,47 +84,56 @@ def test_uploaded_states_come_back_on_a_machine_without_them_and_a_damaged_one_i
     client = MlflowClient(store)
     experiment = client.create_experiment("uploads", artifact_location=(tmp_path / "artifacts").as_uri())
     run_id = client.create_run(experiment, tags={CONFIG_TAG: "key"}).info.run_id
-    uploads = remote_checkpoints.CheckpointUploads(Outbox(tmp_path / "unsent" / run_id, run_id, store))
+    outbox = Outbox(tmp_path / "unsent" / run_id, run_id, store)
+    uploads = remote_checkpoints.CheckpointUploads(outbox)
     here, weights = Checkpoints(tmp_path / "here", "key"), {}
-    for epoch in (1, 2, 3):
+    for epoch in (1, 2, 3, 4):
         model = tiny_model(epoch)
         uploads(here.save(model, [w * 2 for w in model.get_weights()], Progress(run_id=run_id, epoch=epoch)), epoch)
         weights[epoch] = model.get_weights()
+        if epoch == 2:  # a machine that stopped here, while another trained on
+            behind = Checkpoints(tmp_path / "behind", "key")
+            shutil.copytree(here.folder, behind.folder)
     slots = tmp_path / "artifacts" / run_id / "artifacts" / CHECKPOINTS_DIR
-    assert sorted(p.name for p in slots.iterdir()) == ["slot_0", "slot_1"]  # epochs 2 and 3, as kept here
+    assert sorted(p.name for p in slots.iterdir()) == ["slot_0", "slot_1"]  # epochs 4 and 3, as kept here
     (slots / "slot_0" / "stray.bin").write_bytes(b"x")  # not listed in its checksums
 
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(store)
     try:
+        here_state = here.latest()  # as recent as the server's: stays
+        assert remote_checkpoints.resume_state(experiment, "key", here, here_state) is here_state
+
         elsewhere = Checkpoints(tmp_path / "elsewhere", "key")
         with caplog.at_level(logging.INFO):
-            assert remote_checkpoints.download(experiment, "key", elsewhere) == run_id
-        assert f"the states of epoch(s) 2, 3 of run {run_id} come from the tracking server" in caplog.text
-        resumed = elsewhere.latest()
-        assert resumed.progress.epoch == 3 and resumed.progress.run_id == run_id
-        assert all(np.array_equal(a, b) for a, b in zip(resumed.model().get_weights(), weights[3]))
-        assert all(np.array_equal(a, 2 * b) for a, b in zip(resumed.best_weights(), weights[3]))
+            resumed = remote_checkpoints.resume_state(experiment, "key", elsewhere, None)
+        assert f"the states of epoch(s) 3, 4 of run {run_id} come from the tracking server" in caplog.text
+        assert resumed.progress.epoch == 4 and resumed.progress.run_id == run_id
+        assert all(np.array_equal(a, b) for a, b in zip(resumed.model().get_weights(), weights[4]))
+        assert all(np.array_equal(a, 2 * b) for a, b in zip(resumed.best_weights(), weights[4]))
         assert not list(elsewhere.folder.rglob("stray.bin")) and not list(elsewhere.folder.glob(".*"))
 
-        state = slots / "slot_1" / MODEL_FILE  # an upload of epoch 3 cut short
+        resumed = remote_checkpoints.resume_state(experiment, "key", behind, behind.latest())  # had epoch 2
+        assert resumed.progress.epoch == 4 and all(
+            np.array_equal(a, b) for a, b in zip(resumed.model().get_weights(), weights[4]))
+
+        state = slots / "slot_0" / MODEL_FILE  # an upload of epoch 4 cut short
         state.write_bytes(state.read_bytes()[:100])
         third = Checkpoints(tmp_path / "third", "key")
-        assert remote_checkpoints.download(experiment, "key", third) == run_id
         caplog.clear()
         with caplog.at_level(logging.WARNING):
-            assert third.latest().progress.epoch == 2
-        assert f"{third.folder / 'epoch_0003'} is damaged ({MODEL_FILE} does not match its checksum)" in caplog.text
+            assert remote_checkpoints.resume_state(experiment, "key", third, None).progress.epoch == 3
+        assert f"{third.folder / 'epoch_0004'} is damaged ({MODEL_FILE} does not match its checksum)" in caplog.text
 
-        client.set_terminated(run_id, "FINISHED")  # a finished run is not resumed; its states are deleted
-        assert remote_checkpoints.download(experiment, "key", Checkpoints(tmp_path / "fourth", "key")) is None
-        remote_checkpoints.remove(run_id, "uploads")
-        assert client.list_artifacts(run_id, CHECKPOINTS_DIR) == []
+        outbox.delete_artifacts(CHECKPOINTS_DIR)  # what a run queues once it has finished
+        assert outbox.close(wait_s=0) and client.list_artifacts(run_id, CHECKPOINTS_DIR) == []
+        client.set_terminated(run_id, "FINISHED")
+        assert remote_checkpoints.resume_state(experiment, "key", Checkpoints(tmp_path / "4th", "key"), None) is None
     finally:
         mlflow.set_tracking_uri(previous)
 
 
-def test_while_the_server_is_away_only_the_newest_state_of_a_slot_waits(tmp_path):
+def test_while_the_server_is_away_only_the_newest_state_of_a_slot_waits_and_a_finished_run_drops_them(tmp_path):
     from conftest import free_port
 
     from histo_transfer.tracking.outbox import Outbox
@@ -134,6 +143,11 @@ def test_while_the_server_is_away_only_the_newest_state_of_a_slot_waits(tmp_path
     here = Checkpoints(tmp_path / "here", "key")
     for epoch in (1, 2, 3):
         CheckpointUploads(outbox)(here.save(tiny_model(epoch), None, Progress(run_id="run", epoch=epoch)), epoch)
-    waiting = sorted((item["artifact_path"], item["path"]) for item in outbox.pending)
+    outbox.metrics({"val_auc": 0.5}, step=3)
+    waiting = sorted((item["artifact_path"], item["path"]) for item in outbox.pending if "path" in item)
     assert waiting == [("checkpoints/slot_0", "files/0002-checkpoint-0002"), ("checkpoints/slot_1", "files/0003-checkpoint-0003")]
     assert sorted(p.name for p in (tmp_path / "unsent" / "files").iterdir()) == ["0002-checkpoint-0002", "0003-checkpoint-0003"]
+
+    outbox.delete_artifacts("checkpoints")  # finished while away: the uploads go, the deletion waits (sync_run.py)
+    assert [item["kind"] for item in outbox.pending] == ["metrics", "delete_artifacts"]
+    assert not (tmp_path / "unsent" / "files").exists() or not list((tmp_path / "unsent" / "files").iterdir())

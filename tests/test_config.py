@@ -254,7 +254,9 @@ def test_a_configs_key_ignores_where_a_machine_keeps_things_but_not_what_is_trai
     key = run_key(compose_config(base))
     elsewhere = [f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}",
                  f"trainer.checkpoint_dir={tmp_path / 'ckpt'}", "trainer.resume=true", "trainer.progress=none",
-                 "tracking.uri=https://10.0.0.5:5000"]
+                 "tracking.uri=https://10.0.0.5:5000", "tracking.upload_checkpoints=true", "tracking.system_metrics=false",
+                 "+tracking.tags.node=gpu07"]
     assert run_key(compose_config([*base, *elsewhere])) == key
     assert run_key(compose_config([*base, "data.root=/data/other"])) != key
     assert run_key(compose_config([*base, "trainer.epochs=6"])) != key
+    assert run_key(compose_config([*base, "tracking.experiment=other"])) != key

@@ -13,11 +13,14 @@ import json
 from omegaconf import DictConfig, OmegaConf
 
 
-# Keys that say where this machine keeps things, or how it shows them, not what is trained: left out,
-# so that the same run resumed on another machine (other folders, the server under another name) keeps
-# its key. data.root stays: it says which data.
+# Keys that say where this machine keeps things, how it shows or records them, not what is trained: left
+# out, so that the same run resumed on another machine (other folders, the server under another name,
+# other recording settings) keeps its key. data.root stays: it says which data. tracking.experiment is
+# where the key is looked up.
 MACHINE_KEYS = ("paths", "data.cache_dir", "trainer.checkpoint_dir", "trainer.resume", "trainer.progress",
-                "tracking.uri")
+                "tracking.uri", "tracking.run_name", "tracking.tags", "tracking.register_best",
+                "tracking.system_metrics", "tracking.system_metrics_interval", "tracking.outage_limit_s",
+                "tracking.upload_checkpoints")
 
 
 def run_key(cfg: DictConfig) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import mlflow
 from mlflow.entities import Metric
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
 from histo_transfer.config.errors import ConfigError, DiskFull
@@ -115,14 +116,26 @@ class Outbox:
                 path.mkdir(parents=True)
                 return path
 
-    def artifacts(self, path: Path, artifact_path: str | None = None, *, supersedes: bool = False) -> None:
+    def artifacts(self, path: Path, artifact_path: str | None = None, *, supersedes: bool = False,
+                  optional: bool = False) -> None:
         """Send the file or folder `path` (inside `staging`) under `artifact_path`. `supersedes`: an
-        upload to the same `artifact_path` still queued is dropped (only the newest matters there)."""
+        upload to the same `artifact_path` still queued is dropped (only the newest matters there).
+        `optional`: a server that refuses it (too big for its proxy, say) gets a warning, not the run's end."""
         if supersedes:
-            for item in [i for i in self.pending if i["kind"] == "artifacts" and i["artifact_path"] == artifact_path]:
-                self.pending.remove(item)
-                self._drop_files(item)
-        self._put({"kind": "artifacts", "path": str(Path(path).relative_to(self.folder)), "artifact_path": artifact_path})
+            self._unqueue(lambda queued: queued == artifact_path)
+        self._put({"kind": "artifacts", "path": str(Path(path).relative_to(self.folder)), "artifact_path": artifact_path,
+                   "optional": optional})
+
+    def delete_artifacts(self, artifact_path: str) -> None:
+        """Delete the run's artifacts under `artifact_path` (uploads of them still queued are dropped). A
+        server that refuses (a user without MANAGE on the experiment) gets a warning, not the run's end."""
+        self._unqueue(lambda queued: queued is not None and (queued + "/").startswith(artifact_path.rstrip("/") + "/"))
+        self._put({"kind": "delete_artifacts", "artifact_path": artifact_path})
+
+    def _unqueue(self, artifact_path_matches) -> None:
+        for item in [i for i in self.pending if i["kind"] == "artifacts" and artifact_path_matches(i["artifact_path"])]:
+            self.pending.remove(item)
+            self._drop_files(item)
 
     def text(self, text: str, artifact_file: str) -> None:
         folder = self.staging(Path(artifact_file).name)
@@ -243,10 +256,29 @@ class Outbox:
                 where = redact_uri(client.get_run(self.run_id).info.artifact_uri)
                 raise DiskFull(f"{where}: no space left on the device for the artifacts "
                                f"{item['artifact_path'] or path.name}") from None
+            except Exception as exc:
+                if not (item.get("optional") and store_answers(self.uri)):
+                    raise
+                log.warning("the tracking server refused the artifacts %s of run %s (%s): training goes on without "
+                            "them", item["artifact_path"], self.run_id, _first_line(exc))
+        elif kind == "delete_artifacts":
+            self._delete(client, item["artifact_path"])
         elif kind == "logged_model":
             self._log_model(item)
         else:
             raise ValueError(f"{self.folder / QUEUE}: unknown record kind {kind!r}")
+
+    def _delete(self, client: MlflowClient, artifact_path: str) -> None:
+        if not client.list_artifacts(self.run_id, artifact_path):
+            return
+        try:
+            get_artifact_repository(client.get_run(self.run_id).info.artifact_uri).delete_artifacts(artifact_path)
+        except Exception as exc:
+            if not store_answers(self.uri):
+                raise  # the record waits for the server
+            refused = "403" in str(exc) or "PERMISSION_DENIED" in str(exc)
+            log.warning("the artifacts %s/ of run %s stay on the server: %s", artifact_path, self.run_id,
+                        "deleting artifacts needs MANAGE on its experiment" if refused else _first_line(exc))
 
     def _log_model(self, item: dict) -> None:
         from mlflow.models import ModelSignature
@@ -277,6 +309,10 @@ class Outbox:
         partial = self.folder / f".{QUEUE}.tmp-{os.getpid()}"
         partial.write_text(json.dumps(state, indent=1))
         os.replace(partial, self.folder / QUEUE)
+
+
+def _first_line(exc: Exception) -> str:
+    return redact_uri(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
 
 
 def _staging_number(item: dict) -> int | None:

@@ -129,8 +129,10 @@ class Checkpoints:
             listed = json.loads((state / CHECKSUMS_FILE).read_text())
         except (OSError, ValueError, KeyError, TypeError):
             return None
+        if not isinstance(listed, dict):
+            return None
         final = self.folder / f"epoch_{epoch:04d}"
-        if final.exists():  # a state of this epoch is already here: the local one stands
+        if final.exists() and _damage(final) is None:  # an intact state of this epoch is here: it stands
             return epoch
         staging = self.folder / f".epoch_{epoch:04d}.partial"
         shutil.rmtree(staging, ignore_errors=True)
@@ -140,6 +142,7 @@ class Checkpoints:
             # reported as damage by latest()
             if Path(name).name == name and (state / name).is_file():
                 shutil.move(state / name, staging / name)
+        shutil.rmtree(final, ignore_errors=True)  # a damaged one
         staging.rename(final)
         return epoch
 

@@ -35,6 +35,7 @@ from histo_transfer.tracking.parent_runs import child_runs
 from histo_transfer.tracking.schema import (
     BACKBONE_TAG,
     BAD_IMAGES_ARTIFACT,
+    CHECKPOINTS_DIR,
     CONFIG_ARTIFACT,
     CONFIG_TAG,
     DATA_ROOT_TAG,
@@ -112,12 +113,11 @@ def run_training(cfg: DictConfig, context: RunContext, *, parent_run_id: str | N
     checkpoints = Checkpoints(cfg.trainer.checkpoint_dir, run_key(cfg))
     uploads = remote_checkpoints.uploads_wanted(cfg.tracking.upload_checkpoints, cfg.tracking.uri)
     resumed = checkpoints.latest() if cfg.trainer.resume else None
-    if cfg.trainer.resume and resumed is None and uploads and remote_checkpoints.download(
-            experiment_id, run_key(cfg), checkpoints):
-        resumed = checkpoints.latest()  # another machine's state, come down through the server
+    if cfg.trainer.resume and uploads:  # the server's copy, where it is later than this machine's
+        resumed = remote_checkpoints.resume_state(experiment_id, run_key(cfg), checkpoints, resumed)
     if cfg.trainer.resume and resumed is None:
-        log.warning("trainer.resume=true, but %s holds no intact state of this config: starting a new run",
-                    checkpoints.folder)
+        log.warning("trainer.resume=true, but %s holds no intact state of this config%s: starting a new run",
+                    checkpoints.folder, " (nor does the tracking server)" if uploads else "")
     if resumed is None:
         checkpoints.clear()  # a fresh start: stale state of the same config would only mislead a later resume
     run_tags = {
@@ -139,11 +139,11 @@ def run_training(cfg: DictConfig, context: RunContext, *, parent_run_id: str | N
             outbox = tracking.run_outbox(run.info.run_id, cfg.paths.output_dir)
             mirror = remote_checkpoints.CheckpointUploads(outbox) if uploads else None
             best = _run(cfg, context, run.info.run_id, checkpoints, resumed, fold, outbox, mirror)
+            if uploads:  # finished: nothing left to resume (sent with the rest, or by sync_run.py)
+                outbox.delete_artifacts(CHECKPOINTS_DIR)
             if not outbox.close(wait_s=cfg.tracking.outage_limit_s):
                 outbox.keep("FINISHED")
                 raise Unsent(outbox.folder)
-            if uploads:
-                remote_checkpoints.remove(run.info.run_id, cfg.tracking.experiment)
     except (OSError, DiskFull) as exc:  # a full disk: one line naming where (the run has ended FAILED)
         if isinstance(exc, OSError) and not DiskFull.caused(exc):
             raise
