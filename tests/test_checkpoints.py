@@ -125,6 +125,15 @@ def test_uploaded_states_come_back_where_they_are_later_than_the_local_ones(tmp_
             assert remote_checkpoints.resume_state(experiment, "key", third, None).progress.epoch == 3
         assert f"{third.folder / 'epoch_0004'} is damaged ({MODEL_FILE} does not match its checksum)" in caplog.text
 
+        # a later attempt of this machine's that uploaded nothing yet: its own state stands
+        later = client.create_run(experiment, tags={CONFIG_TAG: "key"}).info.run_id
+        mine = Checkpoints(tmp_path / "mine", "key")
+        mine.save(tiny_model(9), None, Progress(run_id=later, epoch=1))
+        assert remote_checkpoints.resume_state(experiment, "key", mine, mine.latest()).progress.run_id == later
+        client.set_terminated(later, "KILLED")
+        # a run that ended here, its end still waiting for sync_run.py, is not resumed
+        assert remote_checkpoints.find(experiment, "key", ended=lambda run: run == run_id) is None
+
         outbox.delete_artifacts(CHECKPOINTS_DIR)  # what a run queues once it has finished
         assert outbox.close(wait_s=0) and client.list_artifacts(run_id, CHECKPOINTS_DIR) == []
         client.set_terminated(run_id, "FINISHED")

@@ -133,8 +133,12 @@ class Outbox:
         self._put({"kind": "delete_artifacts", "artifact_path": artifact_path})
 
     def _unqueue(self, artifact_path_matches) -> None:
-        for item in [i for i in self.pending if i["kind"] == "artifacts" and artifact_path_matches(i["artifact_path"])]:
+        dropped = [i for i in self.pending if i["kind"] == "artifacts" and artifact_path_matches(i["artifact_path"])]
+        for item in dropped:
             self.pending.remove(item)
+        if dropped:
+            self._save()  # the queue on disk stops naming the files before they go
+        for item in dropped:
             self._drop_files(item)
 
     def text(self, text: str, artifact_file: str) -> None:
@@ -180,7 +184,9 @@ class Outbox:
                     raise
                 return self._away()
             self.pending.pop(0)
-            self._drop_files(item)
+            if "path" in item:  # the queue on disk stops naming the files before they go
+                self._save()
+                self._drop_files(item)
             sent += 1
         if self._outage_since is not None:
             log.warning("tracking server %s is back after %.0f s: %d kept record(s) sent", redact_uri(self.uri),
@@ -250,13 +256,13 @@ class Outbox:
                     client.log_artifacts(self.run_id, str(path), item["artifact_path"])
                 else:
                     client.log_artifact(self.run_id, str(path), item["artifact_path"])
-            except OSError as exc:  # a local artifact store's disk (a server's answers with an HTTP error)
-                if not DiskFull.caused(exc):
-                    raise
-                where = redact_uri(client.get_run(self.run_id).info.artifact_uri)
-                raise DiskFull(f"{where}: no space left on the device for the artifacts "
-                               f"{item['artifact_path'] or path.name}") from None
             except Exception as exc:
+                # a local artifact store's disk is full (a server answers with an HTTP error, which is an
+                # OSError too, without errno)
+                if isinstance(exc, OSError) and DiskFull.caused(exc):
+                    where = redact_uri(client.get_run(self.run_id).info.artifact_uri)
+                    raise DiskFull(f"{where}: no space left on the device for the artifacts "
+                                   f"{item['artifact_path'] or path.name}") from None
                 if not (item.get("optional") and store_answers(self.uri)):
                     raise
                 log.warning("the tracking server refused the artifacts %s of run %s (%s): training goes on without "

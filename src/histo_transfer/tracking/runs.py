@@ -148,6 +148,12 @@ def end_run_locally() -> None:
         mlflow.end_run("RUNNING")
 
 
+def ended_unsent(run_id: str, output_dir: str | Path) -> bool:
+    """The run ended here, its last records waiting for scripts/sync_run.py (the server stayed away)."""
+    queue = Path(output_dir) / "unsent" / run_id / QUEUE
+    return queue.is_file() and Outbox.load(queue.parent).status is not None
+
+
 def run_outbox(run_id: str, output_dir: str | Path) -> Outbox:
     """The outbox of a training run: <output_dir>/unsent/<run id> while anything waits there. A resumed
     run takes over what its interrupted attempt still had queued."""

@@ -176,6 +176,11 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def intact(folder: Path) -> bool:
+    """The state folder has its checksums, and every file they list matches."""
+    return (folder / CHECKSUMS_FILE).is_file() and _damage(folder) is None
+
+
 def _damage(folder: Path) -> str | None:
     """What is wrong with a state folder's files (None: intact). Folders written before checksums
     existed cannot be checked and count as intact."""

@@ -114,7 +114,8 @@ def run_training(cfg: DictConfig, context: RunContext, *, parent_run_id: str | N
     uploads = remote_checkpoints.uploads_wanted(cfg.tracking.upload_checkpoints, cfg.tracking.uri)
     resumed = checkpoints.latest() if cfg.trainer.resume else None
     if cfg.trainer.resume and uploads:  # the server's copy, where it is later than this machine's
-        resumed = remote_checkpoints.resume_state(experiment_id, run_key(cfg), checkpoints, resumed)
+        resumed = remote_checkpoints.resume_state(experiment_id, run_key(cfg), checkpoints, resumed,
+                                                  ended=lambda run_id: tracking.ended_unsent(run_id, cfg.paths.output_dir))
     if cfg.trainer.resume and resumed is None:
         log.warning("trainer.resume=true, but %s holds no intact state of this config%s: starting a new run",
                     checkpoints.folder, " (nor does the tracking server)" if uploads else "")
